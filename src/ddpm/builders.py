@@ -1,0 +1,145 @@
+"""Build every object of a run from its (Hydra) configuration, and rebuild a run from a checkpoint.
+
+Entry points (``src/train.py``, ``src/eval.py``, ``src/sample.py``), tests and notebooks share these,
+so a checkpoint always rebuilds exactly the model it was trained as.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.errors import CheckpointError, ConfigError, OutputDirError
+from ddpm.lit_module import DiffusionLitModule
+
+__all__ = [
+    "build_datamodule",
+    "build_diffusion",
+    "build_module",
+    "build_net",
+    "ensure_writable_dir",
+    "load_checkpoint",
+    "load_module_from_checkpoint",
+]
+
+
+def _instantiate(node: Any, what: str, **kwargs: Any) -> Any:
+    """``instantiate`` that turns a bad configuration into one clear :class:`ConfigError`."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ConfigError(f"invalid {what} configuration: {cause}") from None
+        raise
+
+
+def build_diffusion(cfg: DictConfig) -> GaussianDiffusion:
+    """The :class:`GaussianDiffusion` of ``cfg.diffusion`` (schedule × parameterisation × variance × loss).
+
+    Raises:
+        ConfigError: for a combination the loss cannot train, with the core's message.
+    """
+    return _instantiate(cfg.diffusion, "diffusion")
+
+
+def build_datamodule(cfg: DictConfig) -> Any:
+    """The LightningDataModule of ``cfg.data``."""
+    return _instantiate(cfg.data, "data")
+
+
+def build_net(
+    cfg: DictConfig, diffusion: GaussianDiffusion, image_shape: tuple[int, int, int]
+) -> torch.nn.Module:
+    """The network of ``cfg.model`` with in/out channels and resolution set from the data.
+
+    Output channels are ``C × diffusion.output_channels_multiplier`` (2C for learned variances).
+    """
+    channels, height, width = image_shape
+    if height != width:
+        raise ConfigError(f"images must be square for the UNet, got {height}×{width}")
+    return _instantiate(
+        cfg.model,
+        "model",
+        in_channels=channels,
+        out_channels=channels * diffusion.output_channels_multiplier,
+        resolution=height,
+    )
+
+
+def build_module(cfg: DictConfig, image_shape: tuple[int, int, int]) -> DiffusionLitModule:
+    """The LightningModule wiring net, diffusion and optimiser from ``cfg``."""
+    diffusion = build_diffusion(cfg)
+    net = build_net(cfg, diffusion, image_shape)
+    optimizer = _instantiate(cfg.optimizer, "optimizer") if cfg.get("optimizer") else None
+    module_cfg = OmegaConf.to_container(cfg.module, resolve=True) if cfg.get("module") else {}
+    return DiffusionLitModule(
+        net=net, diffusion=diffusion, image_shape=image_shape, optimizer=optimizer, **module_cfg
+    )
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create ``path`` and check a file can be written there, or raise :class:`OutputDirError`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputDirError(
+            f"cannot write to the output directory {str(path)!r} ({err.strerror}); "
+            "choose another with paths.log_dir=... or paths.output_dir=..."
+        ) from None
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint on the CPU, or raise :class:`CheckpointError` naming the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist; pass the path of a .ckpt written by "
+            "src/train.py (e.g. logs/train/runs/<run>/<time>/checkpoints/last.ckpt)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err}); it is "
+            "truncated or not a PyTorch checkpoint — use another checkpoint of the run "
+            "(checkpoints/last.ckpt or a step_*.ckpt)"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
+    return checkpoint
+
+
+def load_module_from_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[DiffusionLitModule, DictConfig]:
+    """Rebuild the LightningModule saved in ``path`` from the run configuration stored in it.
+
+    Returns ``(module, cfg)``; the module is in eval mode with its EMA network loaded.
+    """
+    checkpoint = load_checkpoint(path)
+    if "run_config" not in checkpoint or "image_shape" not in checkpoint:
+        raise CheckpointError(
+            f"{str(path)!r} has no saved run configuration; it was not written by src/train.py"
+        )
+    cfg = OmegaConf.create(checkpoint["run_config"])
+    module = build_module(cfg, tuple(checkpoint["image_shape"]))
+    missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{str(path)!r} does not match its configuration: missing keys {missing[:10]}, "
+            f"unexpected keys {unexpected[:10]}"
+        )
+    return module.to(map_location).eval(), cfg

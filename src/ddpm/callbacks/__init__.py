@@ -1,0 +1,8 @@
+"""Lightning callbacks: sample grids, atomic checkpoints, and evaluation (IS/FID, bits/dim)."""
+
+from ddpm.callbacks.checkpoint_io import AtomicCheckpointIO
+from ddpm.callbacks.nll import NLLCallback
+from ddpm.callbacks.sample_grid import SampleGridCallback
+from ddpm.callbacks.sample_quality import SampleQualityCallback
+
+__all__ = ["AtomicCheckpointIO", "NLLCallback", "SampleGridCallback", "SampleQualityCallback"]

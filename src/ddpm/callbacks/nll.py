@@ -1,0 +1,149 @@
+"""Bits/dim (the full variational bound) of the EMA network on held-out images."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import Dataset
+
+from ddpm.callbacks._evaluation import publish_metrics, unwrap_diffusion, unwrap_ema_net
+from ddpm.metrics.evaluate import evaluate_nll
+
+__all__ = ["NLLCallback"]
+
+log = logging.getLogger(__name__)
+
+_SPLITS = ("val", "test")
+
+
+class NLLCallback(pl.Callback):
+    """Full bound (all T terms + prior, discretised decoder) on a subset of the val/test split.
+
+    The first ``num_images`` images of the split are sharded across ranks (disjoint batches,
+    gathered to rank 0; the result does not depend on the world size). Logged metrics (identical
+    on every rank in ``trainer.callback_metrics``): ``nll_bpd`` (total), ``nll_bpd_stderr``,
+    ``nll_prior_bpd`` (L_T) and ``nll_decoder_bpd`` (L₀). The per-timestep terms (mean Lₜ over
+    images, ``[T]``) go to W&B as a line plot when a ``WandbLogger`` is attached, and are always
+    saved as ``<run dir>/nll/terms_step{step:07d}.npy``.
+
+    Cost: ``T`` network evaluations per image (1000 × 1000 images = 1M forward passes).
+
+    Args:
+        num_images: held-out images evaluated (from index 0; capped at the split size).
+        batch_size: images per batch (a global batch runs on one rank).
+        split: ``"test"`` or ``"val"`` (the datamodule's ``test_set`` / ``val_set``).
+        every_n_steps: evaluate when ``global_step % every_n_steps == 0``; 0/None: never.
+        on_train_end: also evaluate at the end of training.
+        seed: seeds the noise of each batch (with the image index).
+        save_terms: write the per-timestep terms as ``.npy`` in the run directory.
+        progress: tqdm bar on rank 0.
+    """
+
+    def __init__(
+        self,
+        num_images: int = 1000,
+        batch_size: int = 100,
+        split: str = "test",
+        every_n_steps: int | None = None,
+        on_train_end: bool = True,
+        seed: int = 0,
+        save_terms: bool = True,
+        progress: bool = True,
+    ) -> None:
+        if split not in _SPLITS:
+            raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+        if int(num_images) < 1 or int(batch_size) < 1:
+            raise ValueError(
+                f"num_images and batch_size must be >= 1, got {num_images}, {batch_size}"
+            )
+        self.num_images = int(num_images)
+        self.batch_size = int(batch_size)
+        self.split = split
+        self.every_n_steps = int(every_n_steps or 0)
+        self.run_on_train_end = bool(on_train_end)
+        self.seed = int(seed)
+        self.save_terms = bool(save_terms)
+        self.progress = bool(progress)
+        self._last_step: int | None = None
+        self.last_result: dict | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.run_on_train_end:
+            self.evaluate(trainer, pl_module)
+
+    def _dataset(self, trainer: pl.Trainer) -> Dataset:
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise RuntimeError("NLLCallback needs the trainer to have a datamodule")
+        dataset = getattr(datamodule, f"{self.split}_set", None)
+        if dataset is None:
+            datamodule.setup("test" if self.split == "test" else "validate")
+            dataset = getattr(datamodule, f"{self.split}_set", None)
+        if dataset is None:
+            raise RuntimeError(f"{type(datamodule).__name__} has no {self.split}_set")
+        return dataset
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        """Run one evaluation now (collective) and publish it; returns :func:`evaluate_nll`'s dict."""
+        step = trainer.global_step
+        if self._last_step == step:
+            return {}
+        self._last_step = step
+        diffusion = unwrap_diffusion(pl_module)
+        result = evaluate_nll(
+            diffusion,
+            unwrap_ema_net(pl_module),
+            self._dataset(trainer),
+            num_images=self.num_images,
+            seed=self.seed,
+            device=diffusion.betas.device,
+            batch_size=self.batch_size,
+            progress=self.progress,
+        )
+        publish_metrics(
+            trainer,
+            {
+                "nll_bpd": result["nll_bpd"],
+                "nll_bpd_stderr": result["nll_bpd_stderr"],
+                "nll_prior_bpd": result["prior_bpd"],
+                "nll_decoder_bpd": result["decoder_bpd"],
+            },
+        )
+        if trainer.is_global_zero:
+            self._write_terms(trainer, result["terms_bpd"], step)
+            log.info(
+                "step %d: nll_bpd=%.4f ± %.4f on %d images",
+                step,
+                result["nll_bpd"],
+                result["nll_bpd_stderr"],
+                result["num_images"],
+            )
+        self.last_result = result
+        return result
+
+    def _write_terms(self, trainer: pl.Trainer, terms: np.ndarray, step: int) -> None:
+        if self.save_terms:
+            out_dir = Path(trainer.default_root_dir) / "nll"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            np.save(out_dir / f"terms_step{step:07d}.npy", terms)
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                table = wandb.Table(
+                    data=[[t, float(v)] for t, v in enumerate(terms)], columns=["t", "bpd"]
+                )
+                plot = wandb.plot.line(
+                    table, "t", "bpd", title=f"bound terms L_t (bits/dim), step {step}"
+                )
+                logger.experiment.log({"nll_terms": plot, "trainer/global_step": step})

@@ -1,0 +1,75 @@
+"""Pure-torch diffusion maths (no Lightning, no Hydra).
+
+Public façade: :class:`GaussianDiffusion` and :func:`make_betas`.
+"""
+
+from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion
+from ddpm.diffusion.likelihood import (
+    approx_standard_normal_cdf,
+    discretized_gaussian_log_likelihood,
+    mean_flat,
+    mean_flat_bpd,
+    normal_kl,
+)
+from ddpm.diffusion.losses import LOSSES, HybridLoss, Loss, SimpleLoss, VLBLoss, make_loss
+from ddpm.diffusion.parameterization import (
+    PARAMETERIZATIONS,
+    EpsParameterization,
+    MuParameterization,
+    Parameterization,
+    VParameterization,
+    X0Parameterization,
+    make_parameterization,
+)
+from ddpm.diffusion.schedule import SCHEDULES, make_betas, schedule_tables
+from ddpm.diffusion.timesteps import (
+    LossSecondMomentSampler,
+    TimestepSampler,
+    UniformSampler,
+    make_timestep_sampler,
+)
+from ddpm.diffusion.variance import (
+    VARIANCES,
+    FixedLargeVariance,
+    FixedSmallVariance,
+    LearnedRangeVariance,
+    LearnedVariance,
+    Variance,
+    make_variance,
+)
+
+__all__ = [
+    "LOSSES",
+    "PARAMETERIZATIONS",
+    "SCHEDULES",
+    "VARIANCES",
+    "EpsParameterization",
+    "FixedLargeVariance",
+    "FixedSmallVariance",
+    "GaussianDiffusion",
+    "HybridLoss",
+    "LearnedRangeVariance",
+    "LearnedVariance",
+    "Loss",
+    "LossSecondMomentSampler",
+    "MuParameterization",
+    "Parameterization",
+    "SimpleLoss",
+    "TimestepSampler",
+    "UniformSampler",
+    "VLBLoss",
+    "VParameterization",
+    "Variance",
+    "X0Parameterization",
+    "approx_standard_normal_cdf",
+    "discretized_gaussian_log_likelihood",
+    "make_betas",
+    "make_loss",
+    "make_parameterization",
+    "make_timestep_sampler",
+    "make_variance",
+    "mean_flat",
+    "mean_flat_bpd",
+    "normal_kl",
+    "schedule_tables",
+]

@@ -1,0 +1,382 @@
+"""The one public façade: a Gaussian diffusion composed of schedule × parameterisation × variance × loss.
+
+Data flows one way, ``x0 → q_sample → net → parameterisation → variance → loss``; training, the
+bound and every sampler go through :meth:`GaussianDiffusion.p_mean_variance`, so they cannot drift.
+
+Conventions: images ``x0``/``x_t`` are ``[B, C, H, W]`` (any trailing shape works) in [-1, 1];
+``t`` is a LongTensor ``[B]`` of 0-indexed timesteps (index 0 is the paper's t = 1); ``net`` is any
+callable ``net(x_t, t) -> Tensor [B, C·m, ...]`` with ``m = output_channels_multiplier``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddpm.diffusion.likelihood import (
+    discretized_gaussian_log_likelihood,
+    mean_flat_bpd,
+    normal_kl,
+)
+from ddpm.diffusion.losses import Loss, make_loss
+from ddpm.diffusion.parameterization import Parameterization, make_parameterization
+from ddpm.diffusion.schedule import schedule_tables
+from ddpm.diffusion.variance import Variance, make_variance
+
+__all__ = ["GaussianDiffusion", "Net"]
+
+Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _RespacedParameterization(Parameterization):
+    """The parent's parameterisation as seen from a respaced child (K of the T steps).
+
+    The network was trained on the parent's one-step transitions at the original timesteps, so its
+    output is read with the parent's tables at the original timestep (``timestep_map[t]``) to get
+    x̂₀, and the child's mean is the respaced posterior mean μ̃(x_t, x̂₀) over the longer jump.
+    For ε, x₀ and v prediction this is what the plain parameterisation gives anyway (they depend
+    only on ᾱ, which respacing keeps); for μ̃ prediction it is the only consistent reading, since
+    the network's μ̃ is the mean of a *one-step* posterior. As without respacing, clipping x̂₀
+    does not change the mean under μ̃ prediction.
+    """
+
+    def __init__(
+        self, base: Parameterization, parent: GaussianDiffusion, timestep_map: torch.Tensor
+    ) -> None:
+        self.base = base
+        self.parent = parent
+        self.timestep_map = timestep_map
+        self.name = base.name
+
+    def pred_x0(self, d, output, x_t, t):
+        return self.base.pred_x0(self.parent, output, x_t, self.timestep_map[t])
+
+    def target(self, d, x0, x_t, t, noise):
+        return self.base.target(self.parent, x0, x_t, self.timestep_map[t], noise)
+
+    def mean(self, d, output, x_t, t, pred_x0):
+        if not self.base.mean_from_pred_x0:  # μ̃ prediction: the unclipped x̂₀ sets the mean
+            pred_x0 = self.pred_x0(d, output, x_t, t)
+        return d.q_posterior_mean(pred_x0, x_t, t)
+
+    def __repr__(self) -> str:
+        return f"Respaced({self.base!r})"
+
+
+class GaussianDiffusion(nn.Module):
+    """Schedule tables (buffers) plus the parameterisation, variance and loss strategies.
+
+    Args:
+        betas: β schedule ``[T]`` (see :func:`~ddpm.diffusion.make_betas`).
+        parameterization: ``eps``, ``x0``, ``mu``, ``v`` or a
+            :class:`~ddpm.diffusion.parameterization.Parameterization`.
+        variance: ``fixed_large``, ``fixed_small``, ``learned``, ``learned_range`` or a
+            :class:`~ddpm.diffusion.variance.Variance`.
+        loss: ``simple``, ``vlb``, ``hybrid`` or a :class:`~ddpm.diffusion.losses.Loss`.
+        loss_kwargs: extra arguments for a loss given by name (e.g. ``{"vlb_weight": 1e-3}``).
+        dtype: dtype of the stored tables; float64 gives exact maths for tests and references.
+
+    Raises:
+        ValueError: for an unknown name, or a combination the loss cannot train, naming the
+            combination and what to use instead.
+
+    The tables are computed in float64 and stored as ``dtype`` (float32 by default) non-persistent
+    buffers, so they move with ``.to(device)`` and never enter checkpoints.
+    """
+
+    def __init__(
+        self,
+        betas: torch.Tensor | Sequence[float],
+        parameterization: str | Parameterization = "eps",
+        variance: str | Variance = "fixed_large",
+        loss: str | Loss = "simple",
+        loss_kwargs: dict[str, Any] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.parameterization = make_parameterization(parameterization)
+        self.variance = make_variance(variance)
+        self.loss = make_loss(loss, **dict(loss_kwargs or {}))
+        self.loss.validate(self.parameterization, self.variance)
+        tables = schedule_tables(torch.as_tensor(betas, dtype=torch.float64))
+        self.num_timesteps = int(tables["betas"].numel())
+        self.betas_float64 = tables["betas"]  # kept on the host for respacing, never per step
+        for name, value in tables.items():
+            self.register_buffer(name, value.to(dtype), persistent=False)
+        self._respaced: dict[tuple, GaussianDiffusion] = {}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def output_channels_multiplier(self) -> int:
+        """How many times the data channels the network must output (2 for learned variances)."""
+        return 2 if self.variance.learned else 1
+
+    @property
+    def name(self) -> str:
+        """``parameterization-variance-loss``, e.g. ``eps-fixed_large-simple``."""
+        return f"{self.parameterization.name}-{self.variance.name}-{self.loss.name}"
+
+    def extract(self, table: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``table[t]`` reshaped to ``[B, 1, …, 1]`` to broadcast against ``like`` (no host copy)."""
+        values = getattr(self, table)[t]
+        return values.reshape(t.shape[0], *([1] * (like.dim() - 1))).to(like.dtype)
+
+    def split_output(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Split the network output into (parameterisation part, variance part or None)."""
+        if not self.variance.learned:
+            return output, None
+        if output.shape[1] % 2:
+            raise ValueError(
+                f"variance={self.variance.name} needs 2C output channels, got {output.shape[1]}"
+            )
+        return output.chunk(2, dim=1)
+
+    # ------------------------------------------------------------------ forward process
+    def q_mean_variance(
+        self, x0: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q(x_t | x0): (mean, variance, log_variance), variance terms ``[B, 1, …]``."""
+        mean = self.extract("sqrt_alphas_cumprod", t, x0) * x0
+        variance = 1.0 - self.extract("alphas_cumprod", t, x0)
+        log_variance = self.extract("log_one_minus_alphas_cumprod", t, x0)
+        return mean, variance, log_variance
+
+    def q_sample(
+        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x_t = √ᾱₜ x0 + √(1−ᾱₜ) ε."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        return (
+            self.extract("sqrt_alphas_cumprod", t, x0) * x0
+            + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
+
+    def q_posterior_mean(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """μ̃ₜ(x_t, x0) of q(x_{t−1} | x_t, x0)."""
+        return (
+            self.extract("posterior_mean_coef1", t, x_t) * x0
+            + self.extract("posterior_mean_coef2", t, x_t) * x_t
+        )
+
+    def q_posterior_mean_variance(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q(x_{t−1} | x_t, x0): (mean, β̃ₜ, log β̃ₜ clipped)."""
+        return (
+            self.q_posterior_mean(x0, x_t, t),
+            self.extract("posterior_variance", t, x_t),
+            self.extract("posterior_log_variance_clipped", t, x_t),
+        )
+
+    # ------------------------------------------------------------------ reverse process
+    def p_mean_variance(
+        self,
+        net_output: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """p_θ(x_{t−1} | x_t) from a network output.
+
+        Returns a dict with ``mean``, ``variance``, ``log_variance`` and ``pred_x0`` (x̂₀, clipped
+        to [-1, 1] when ``clip_denoised``). With ε/x₀/v prediction clipping changes the mean, which
+        is recomputed from the clipped x̂₀; with μ̃ prediction the mean is the output as it is.
+        """
+        net_output = net_output.to(x_t.dtype)
+        mean_output, var_output = self.split_output(net_output)
+        variance, log_variance = self.variance(self, var_output, x_t, t)
+        pred_x0 = self.parameterization.pred_x0(self, mean_output, x_t, t)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        mean = self.parameterization.mean(self, mean_output, x_t, t, pred_x0)
+        return {
+            "mean": mean,
+            "variance": variance.expand_as(x_t),
+            "log_variance": log_variance.expand_as(x_t),
+            "pred_x0": pred_x0,
+        }
+
+    def pred_eps_from_x0(
+        self, x_t: torch.Tensor, t: torch.Tensor, pred_x0: torch.Tensor
+    ) -> torch.Tensor:
+        """ε̂ = (x_t − √ᾱₜ x̂₀)/√(1−ᾱₜ)."""
+        return (self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_x0) / self.extract(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
+        )
+
+    # ------------------------------------------------------------------ objectives
+    def training_losses(
+        self,
+        net: Net,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-example loss terms ``[B]`` of the configured objective; ``"loss"`` is always present."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)
+        output = net(x_t, t)
+        expected = x0.shape[1] * self.output_channels_multiplier
+        if output.shape[1] != expected:
+            raise ValueError(
+                f"the network outputs {output.shape[1]} channels but {self.name} needs {expected} "
+                f"(data channels × {self.output_channels_multiplier}); set the model's out_channels"
+            )
+        return self.loss(self, output.to(x0.dtype), x0, x_t, t, noise)
+
+    def vlb_terms_from_output(
+        self, net_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Lₜ in bits/dim ``[B]``: KL(q(x_{t−1}|x_t,x0) ‖ p_θ) for t > 0, −log p_θ(x0|x1) at t = 0."""
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
+        out = self.p_mean_variance(net_output, x_t, t, clip_denoised=False)
+        kl = mean_flat_bpd(
+            normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
+        )
+        decoder_nll = -mean_flat_bpd(
+            discretized_gaussian_log_likelihood(
+                x0, means=out["mean"], log_scales=0.5 * out["log_variance"]
+            )
+        )
+        return torch.where(t == 0, decoder_nll, kl)
+
+    def vlb_term_bpd(
+        self, net: Net, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Lₜ of the bound in bits/dim ``[B]`` for the given x_t (KL for t > 0, decoder NLL at 0)."""
+        return self.vlb_terms_from_output(net(x_t, t), x0, x_t, t)
+
+    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T | x0) ‖ N(0, I)) in bits/dim ``[B]`` (no parameters)."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean, _, log_variance = self.q_mean_variance(x0, t)
+        zeros = torch.zeros_like(mean)
+        return mean_flat_bpd(normal_kl(mean, log_variance, zeros, zeros))
+
+    @torch.no_grad()
+    def nll_bpd(
+        self,
+        net: Net,
+        x0: torch.Tensor,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """The full variational bound on −log p(x0) in bits/dim.
+
+        Each term uses a fresh x_t ~ q(x_t | x0) drawn from ``generator`` (from T−1 down to 0).
+
+        Returns:
+            ``total [B]`` (sum of every term plus the prior), ``terms [B, T]`` (Lₜ per timestep
+            index, decoder NLL at index 0) and ``prior [B]``.
+        """
+        batch = x0.shape[0]
+        terms = torch.empty(batch, self.num_timesteps, device=x0.device, dtype=x0.dtype)
+        steps = range(self.num_timesteps - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="bits/dim", leave=False)
+        all_t = torch.arange(self.num_timesteps, device=x0.device)
+        for i in steps:
+            t = all_t[i].expand(batch)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t = self.q_sample(x0, t, noise)
+            terms[:, i] = self.vlb_term_bpd(net, x0, x_t, t)
+        prior = self.prior_bpd(x0)
+        return {"total": terms.sum(dim=1) + prior, "terms": terms, "prior": prior}
+
+    # ------------------------------------------------------------------ sampling
+    def respaced(self, steps: int) -> tuple[GaussianDiffusion, torch.Tensor]:
+        """A diffusion over ``steps`` of the T timesteps and the original index of each of them.
+
+        The kept timesteps are evenly strided from 0 to T−1; the respaced βs are recomputed from
+        ᾱ so that ᾱ is unchanged at every kept step: β'ᵢ = 1 − ᾱ[kᵢ]/ᾱ[kᵢ₋₁]. The result is
+        cached per (steps, device, dtype).
+        """
+        steps = int(steps)
+        if not 2 <= steps <= self.num_timesteps:
+            raise ValueError(
+                f"steps={steps}: choose between 2 and num_timesteps={self.num_timesteps}"
+            )
+        key = (steps, self.betas.device, self.betas.dtype)
+        if key not in self._respaced:
+            kept = (
+                torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long()
+            )
+            alphas_cumprod = torch.cumprod(1.0 - self.betas_float64, 0)[kept]
+            previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+            betas = 1.0 - alphas_cumprod / previous
+            kept = kept.to(self.betas.device)
+            child = GaussianDiffusion(
+                betas,
+                _RespacedParameterization(self.parameterization, self, kept),
+                self.variance,
+                self.loss,
+                dtype=self.betas.dtype,
+            ).to(self.betas.device)
+            child.register_buffer("timestep_map", kept, persistent=False)
+            self._respaced[key] = child
+        child = self._respaced[key]
+        return child, child.timestep_map
+
+    @torch.no_grad()
+    def sample(
+        self,
+        net: Net,
+        shape: Sequence[int],
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        clip_denoised: bool = True,
+        return_pred_x0: bool = False,
+        x_T: torch.Tensor | None = None,
+        t_start: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Draw samples ``[B, C, H, W]`` from the reverse process.
+
+        Args:
+            net: the (EMA) network.
+            shape: ``(B, C, H, W)``.
+            generator: the only source of randomness (on the buffers' device); None uses torch's
+                global RNG.
+            steps: number of steps; None means all T (Algorithm 2), fewer uses strided respacing.
+            eta: None for ancestral sampling; a float for DDIM (0 deterministic, 1 ≈ ancestral).
+            clip_denoised: clip x̂₀ to [-1, 1] at every step, as the official sampler does.
+            return_pred_x0: also return x̂₀ along the chain, ``[steps, B, C, H, W]`` (first = t=T).
+            x_T: start from this noise instead of drawing it (or from this x_t with ``t_start``).
+            t_start: start the chain at this original timestep index with ``x_T`` as x_t (for
+                interpolation and conceptual compression); it must be one of the kept steps.
+            progress: show a progress bar.
+
+        Returns:
+            the samples, or ``(samples, pred_x0_chain)`` when ``return_pred_x0``.
+        """
+        from ddpm.diffusion.sampling import sample_loop
+
+        return sample_loop(
+            self,
+            net,
+            shape,
+            generator=generator,
+            steps=steps,
+            eta=eta,
+            clip_denoised=clip_denoised,
+            return_pred_x0=return_pred_x0,
+            x_T=x_T,
+            t_start=t_start,
+            progress=progress,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"T={self.num_timesteps}, parameterization={self.parameterization.name}, "
+            f"variance={self.variance.name}, loss={self.loss!r}"
+        )

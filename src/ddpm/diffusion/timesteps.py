@@ -1,0 +1,117 @@
+"""Which timesteps a training batch sees: uniform, or importance-sampled by the loss (Improved DDPM).
+
+``sample(batch_size, device, generator)`` returns ``(t [B] long, weights [B] float)``; multiply the
+per-example loss by ``weights`` so the estimate of the objective stays unbiased. Everything stays on
+the device: no host synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["LossSecondMomentSampler", "TimestepSampler", "UniformSampler", "make_timestep_sampler"]
+
+
+class TimestepSampler(nn.Module):
+    """Base class: a distribution over ``range(num_timesteps)``."""
+
+    def __init__(self, num_timesteps: int) -> None:
+        super().__init__()
+        self.num_timesteps = int(num_timesteps)
+
+    def probabilities(self, device: torch.device) -> torch.Tensor:
+        """p(t) as a float tensor ``[T]`` on ``device``."""
+        return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, device=device)
+
+    def sample(
+        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``t [B]`` and importance weights ``1/(T·p(t)) [B]``."""
+        p = self.probabilities(device)
+        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+        weights = 1.0 / (self.num_timesteps * p[t])
+        return t, weights
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Record per-example losses ``[B]`` for timesteps ``t [B]`` (no-op unless adaptive)."""
+
+
+class UniformSampler(TimestepSampler):
+    """t ~ U{0, …, T−1}; weights are all one."""
+
+    def sample(self, batch_size, device, generator=None):
+        t = torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+        return t, torch.ones(batch_size, device=device)
+
+
+class LossSecondMomentSampler(TimestepSampler):
+    """p(t) ∝ √E[Lₜ²] over the last ``history_per_term`` losses of each t, mixed with a little uniform.
+
+    Uniform until every t has a full history. With DDP, :meth:`update` gathers the losses of every
+    rank first so that all ranks hold the same history and draw from the same distribution.
+    """
+
+    def __init__(
+        self, num_timesteps: int, history_per_term: int = 10, uniform_prob: float = 0.001
+    ) -> None:
+        super().__init__(num_timesteps)
+        if history_per_term < 1 or not 0.0 <= uniform_prob <= 1.0:
+            raise ValueError(
+                f"history_per_term={history_per_term} must be >= 1 and "
+                f"uniform_prob={uniform_prob} in [0, 1]"
+            )
+        self.history_per_term = int(history_per_term)
+        self.uniform_prob = float(uniform_prob)
+        self.register_buffer("loss_history", torch.zeros(num_timesteps, history_per_term))
+        self.register_buffer("write_pos", torch.zeros(num_timesteps, dtype=torch.long))
+        self.register_buffer("filled", torch.zeros(num_timesteps, dtype=torch.long))
+
+    def probabilities(self, device):
+        history = self.loss_history.to(device)
+        weights = history.square().mean(dim=1).sqrt()
+        weights = weights / weights.sum().clamp(min=1e-30)
+        weights = weights * (1.0 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+        uniform = torch.full_like(weights, 1.0 / self.num_timesteps)
+        warm = (self.filled.to(device) >= self.history_per_term).all()
+        return torch.where(warm, weights, uniform)
+
+    @torch.no_grad()
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        t, losses = t.detach().long().flatten(), losses.detach().float().flatten()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t, losses = _all_gather_cat(t), _all_gather_cat(losses)
+        t = t.to(self.loss_history.device)
+        losses = losses.to(self.loss_history.device)
+        # Occurrence index of each entry among equal t in this batch, so repeated t fill
+        # consecutive slots of that t's ring buffer, as sequential updates would.
+        order = torch.argsort(t, stable=True)
+        t_sorted = t[order]
+        counts = torch.bincount(t_sorted, minlength=self.num_timesteps)
+        group_start = torch.cumsum(counts, 0) - counts
+        occurrence = torch.arange(t_sorted.numel(), device=t.device) - group_start[t_sorted]
+        # Only the last history_per_term losses of a t survive; dropping the older ones keeps the
+        # (t, slot) pairs unique (index_put_ with duplicate indices is undefined, e.g. on CUDA).
+        keep = occurrence >= counts[t_sorted] - self.history_per_term
+        t_kept, occurrence = t_sorted[keep], occurrence[keep]
+        slot = (self.write_pos[t_kept] + occurrence) % self.history_per_term
+        self.loss_history[t_kept, slot] = losses[order][keep]
+        self.write_pos.add_(counts).remainder_(self.history_per_term)
+        self.filled.add_(counts).clamp_(max=self.history_per_term)
+
+
+def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally-sized 1-D tensors from every rank (rank order)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def make_timestep_sampler(name: str, num_timesteps: int, **kwargs: float) -> TimestepSampler:
+    """``uniform`` or ``loss_second_moment`` (alias ``importance``)."""
+    if name == "uniform":
+        return UniformSampler(num_timesteps)
+    if name in ("loss_second_moment", "importance"):
+        return LossSecondMomentSampler(num_timesteps, **kwargs)
+    raise ValueError(f"unknown timestep sampler {name!r}: choose 'uniform' or 'loss_second_moment'")

@@ -1,0 +1,174 @@
+"""LightningModule: wiring only. The maths lives in :mod:`ddpm.diffusion`, the network in
+:mod:`ddpm.models`, evaluation in :mod:`ddpm.callbacks`."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+
+from ddpm.diffusion import GaussianDiffusion, make_timestep_sampler
+from ddpm.ema import ExponentialMovingAverage
+
+__all__ = ["DiffusionLitModule", "DivergenceError"]
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class DivergenceError(RuntimeError):
+    """Raised (and caught by ``train``) when the training loss becomes non-finite."""
+
+
+class DiffusionLitModule(pl.LightningModule):
+    """Trains ``net`` on ``diffusion``'s objective and keeps an EMA copy for sampling.
+
+    Args:
+        net: the denoiser ``net(x_t, t)``; output channels must match the diffusion.
+        diffusion: the :class:`GaussianDiffusion` (schedule, parameterisation, variance, loss).
+        image_shape: ``(C, H, W)`` of the data.
+        optimizer: a factory ``optimizer(params) -> Optimizer`` (Hydra ``_partial_``); Adam
+            lr 2e-4 when None.
+        lr_warmup_steps: linear warm-up of the learning rate over this many steps (paper 5000).
+        ema_decay: EMA decay (paper 0.9999).
+        timestep_sampler: ``uniform`` or ``loss_second_moment`` (importance sampling).
+        check_finite_every_n_steps: how often the loss is checked for NaN/inf (a host sync);
+            None uses the trainer's ``log_every_n_steps``.
+
+    Attributes ``net``, ``ema_net`` and ``diffusion`` are what callbacks use; sampling and
+    evaluation always go through ``ema_net``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        diffusion: GaussianDiffusion,
+        image_shape: tuple[int, int, int] | list[int],
+        optimizer: OptimizerFactory | None = None,
+        lr_warmup_steps: int = 5000,
+        ema_decay: float = 0.9999,
+        timestep_sampler: str = "uniform",
+        check_finite_every_n_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "diffusion", "optimizer"])
+        self.net = net
+        self.diffusion = diffusion
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.optimizer_factory = optimizer
+        self.lr_warmup_steps = int(lr_warmup_steps)
+        self.ema = ExponentialMovingAverage(net, decay=ema_decay)
+        self.timestep_sampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps)
+        self.check_finite_every_n_steps = check_finite_every_n_steps
+        # Running sums of the loss per quartile of t, flushed at each logging step (no per-step sync).
+        self.register_buffer("_quartile_sums", torch.zeros(4), persistent=False)
+        self.register_buffer("_quartile_counts", torch.zeros(4), persistent=False)
+        self.diverged_at_step: int | None = None
+        #: The resolved run configuration, stored in every checkpoint so it can be rebuilt.
+        self.run_config: dict[str, Any] | None = None
+
+    @property
+    def ema_net(self) -> nn.Module:
+        """The EMA network used for every sample and evaluation."""
+        return self.ema.ema_net
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x_t, t)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
+        terms = self.diffusion.training_losses(self.net, x0, t)
+        self.timestep_sampler.update(t, terms["loss"])
+        loss = (terms["loss"] * weights).mean()
+
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach().mean(), on_step=True, prog_bar=name == "loss")
+        quartile = (t * 4) // self.diffusion.num_timesteps
+        self._quartile_sums.index_add_(0, quartile, terms["loss"].detach().float())
+        self._quartile_counts.index_add_(0, quartile, torch.ones_like(terms["loss"]).float())
+        return loss
+
+    def _log_interval(self) -> int:
+        if self.check_finite_every_n_steps:
+            return int(self.check_finite_every_n_steps)
+        return int(getattr(self.trainer, "log_every_n_steps", 50) or 50)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if (self.global_step + 1) % self._log_interval() == 0:
+            norms = [p.grad.detach().norm() for p in self.net.parameters() if p.grad is not None]
+            if norms:
+                self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.ema.update(self.net)
+        step = self.global_step
+        if step % self._log_interval() == 0:
+            self._flush_quartiles()
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            if not bool(torch.isfinite(loss)):
+                self.diverged_at_step = step
+                raise DivergenceError(
+                    f"non-finite training loss at step {step} with {self.diffusion.name} "
+                    f"(T={self.diffusion.num_timesteps}); the run is marked diverged"
+                )
+
+    def _flush_quartiles(self) -> None:
+        means = self._quartile_sums / self._quartile_counts.clamp(min=1)
+        for q in range(4):
+            self.log(f"train/loss_q{q}", means[q], on_step=True)
+        self._quartile_sums.zero_()
+        self._quartile_counts.zero_()
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Held-out loss with fixed t and noise per batch, so curves are comparable over time."""
+        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        generator = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
+        t = torch.randint(
+            0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator
+        )
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        terms = self.diffusion.training_losses(self.ema_net, x0, t, noise)
+        for name, value in terms.items():
+            self.log(f"val/{name}", value.mean(), on_epoch=True, sync_dist=True)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=2e-4))
+        optimizer = factory(self.net.parameters())
+        warmup = max(self.lr_warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the run configuration and every RNG state (a resumed run continues the stream)."""
+        checkpoint["run_config"] = self.run_config
+        checkpoint["image_shape"] = list(self.image_shape)
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if not states:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        np.random.set_state(states["numpy"])
+        random.setstate(states["python"])

@@ -1,0 +1,121 @@
+"""Shared pieces of feature extraction: uint8 quantisation, exact-float32 context, extractor protocol.
+
+A *feature extractor* (see :class:`FeatureExtractor`) maps uint8 images ``[B, C, H, W]`` to a dict
+with ``"features"`` ``[B, D]`` float32 (the layer the Fréchet distance uses) and, when it is a
+classifier usable for the Inception Score, ``"logits"`` ``[B, K]`` float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = [
+    "FeatureExtractor",
+    "default_cache_dir",
+    "exact_float32",
+    "quantize_to_uint8",
+    "sha256_file",
+]
+
+CACHE_DIR_ENV = "DDPM_CACHE_DIR"
+
+
+def quantize_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Quantise images from [-1, 1] to uint8 the way saved PNGs would be.
+
+    ``u8 = clamp(round((x + 1) · 127.5), 0, 255)`` (round half to even). For inputs on the data
+    grid ``x = k/127.5 − 1`` this returns ``k`` exactly. Non-finite values (a diverged model) are
+    mapped to 0 before rounding: NaN → 128, ±Inf → 255 / 0.
+
+    Args:
+        images: float tensor ``[B, C, H, W]`` nominally in [-1, 1].
+
+    Returns:
+        uint8 tensor of the same shape and device.
+    """
+    if images.dtype == torch.uint8:
+        return images
+    x = torch.nan_to_num(images.float(), nan=0.0, posinf=1.0, neginf=-1.0)
+    return ((x + 1.0) * 127.5).round().clamp(0.0, 255.0).to(torch.uint8)
+
+
+@contextlib.contextmanager
+def exact_float32(device: torch.device | str) -> Iterator[None]:
+    """No grad, autocast disabled and TF32 disabled (restored afterwards) for feature extraction.
+
+    TF32 is switched off through the ``fp32_precision`` API (torch ≥ 2.9) so that the legacy
+    ``allow_tf32`` flags are never mixed with it.
+    """
+    device_type = torch.device(device).type
+    saved: list[tuple[object, str, str]] = []
+    for owner_path in ("cuda.matmul", "cudnn.conv"):
+        owner: object = torch.backends
+        try:
+            for part in owner_path.split("."):
+                owner = getattr(owner, part)
+            saved.append((owner, "fp32_precision", owner.fp32_precision))  # type: ignore[attr-defined]
+        except AttributeError:  # older torch: no fp32_precision API
+            continue
+    try:
+        for owner, attr, _ in saved:
+            setattr(owner, attr, "ieee")
+        with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        for owner, attr, value in saved:
+            setattr(owner, attr, value)
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where ddpm-lab caches reference statistics and the digits classifier.
+
+    Resolution order: the ``cache_dir`` argument; the environment variable ``DDPM_CACHE_DIR``;
+    ``$XDG_CACHE_HOME/ddpm-lab``; ``~/.cache/ddpm-lab``. The directory is not created here.
+    """
+    if cache_dir is not None and str(cache_dir) != "":
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "ddpm-lab"
+
+
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    """What the evaluation pipeline needs from a feature network.
+
+    Attributes:
+        name: identifies the network family (e.g. ``"inception-v3-compat"``), used in cache keys.
+        feature_layer: name of the layer behind ``"features"`` (e.g. ``"2048"``).
+        weights_sha256: sha256 of the weights, so cached statistics are tied to them.
+        has_logits: whether calls also return ``"logits"`` (enables the Inception Score).
+        device: where the network runs; inputs are moved there.
+    """
+
+    name: str
+    feature_layer: str
+    weights_sha256: str
+    has_logits: bool
+    device: torch.device
+
+    def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 ``[B, C, H, W]`` → ``{"features": [B, D] float32, ("logits": [B, K] float32)}``."""
+        ...
