@@ -5,16 +5,11 @@ Thin Hydra entry point; the work happens in :func:`ddpm.training.train`.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `ddpm` importable without install
-
-from ddpm.cli import run_cli  # noqa: E402
-from ddpm.training import train  # noqa: E402
+from ddpm.cli import run_cli
+from ddpm.training import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -211,9 +211,9 @@ def _knows_x0_net(d_np: dict[str, np.ndarray], x0: torch.Tensor, param: str, var
         elif param == "x0":
             out = x0.expand_as(x_t)
         elif param == "mu":
-            out = abp.sqrt() * b / (1.0 - ab) * x0 + (1.0 - b).sqrt() * (1.0 - abp) / (
-                1.0 - ab
-            ) * x_t
+            out = (
+                abp.sqrt() * b / (1.0 - ab) * x0 + (1.0 - b).sqrt() * (1.0 - abp) / (1.0 - ab) * x_t
+            )
         else:
             out = ab.sqrt() * eps - (1.0 - ab).sqrt() * x0
         if variance == "learned":  # log σ² = log β̃ₜ (clipped at index 0)

@@ -184,9 +184,10 @@ def test_vlb_loss_is_decoder_nll_at_t0_and_kl_after() -> None:
     assert abs(loss[0].item() - (-ll.mean() / LN2)) < 1e-10 * abs(loss[0].item())
     # t = 1 (index): KL between the true posterior and N(mu, β̃₁).
     x_t = (np.sqrt(abar[1]) * x0[1] + np.sqrt(1 - abar[1]) * noise[1]).numpy()
-    mean_true = np.sqrt(abar[0]) * betas[1] / (1 - abar[1]) * x0[1].numpy() + np.sqrt(
-        1 - betas[1]
-    ) * (1 - abar[0]) / (1 - abar[1]) * x_t
+    mean_true = (
+        np.sqrt(abar[0]) * betas[1] / (1 - abar[1]) * x0[1].numpy()
+        + np.sqrt(1 - betas[1]) * (1 - abar[0]) / (1 - abar[1]) * x_t
+    )
     kl = ((mean_true - mu[1].numpy()) ** 2 / (2 * pv1)).mean() / LN2
     assert abs(loss[1].item() - kl) < 1e-10 * kl
 
@@ -200,7 +201,9 @@ def test_hybrid_bound_term_sends_no_gradient_into_the_mean(param: str, variance:
     t = torch.tensor([0, 3, 50, 99])
     gen = torch.Generator().manual_seed(5)
     noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-    output = (0.3 * torch.randn(4, 2 * C, 4, 4, generator=gen, dtype=torch.float64)).requires_grad_()
+    output = (
+        0.3 * torch.randn(4, 2 * C, 4, 4, generator=gen, dtype=torch.float64)
+    ).requires_grad_()
     losses = d.training_losses(lambda x_t, t: output, x0, t, noise)
     (g_vlb,) = torch.autograd.grad(losses["vlb"].sum(), output, retain_graph=True)
     (g_mse,) = torch.autograd.grad(losses["mse"].sum(), output, retain_graph=True)

@@ -143,3 +143,37 @@ def load_module_from_checkpoint(
             f"unexpected keys {unexpected[:10]}"
         )
     return module.to(map_location).eval(), cfg
+
+
+def load_for_inference(
+    ckpt_path: str | Path | None = None,
+    pretrained: str | Path | None = None,
+    pretrained_diffusion: DictConfig | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[GaussianDiffusion, torch.nn.Module, tuple[int, int, int], DictConfig | None]:
+    """The (diffusion, EMA network, image shape, run config) to sample or evaluate with.
+
+    Exactly one of ``ckpt_path`` (a checkpoint of ``src/train.py``; the EMA weights are used) or
+    ``pretrained`` (a diffusers-layout directory or Hugging Face repo id such as
+    ``google/ddpm-cifar10-32``, combined with ``pretrained_diffusion``, a ``GaussianDiffusion``
+    node) must be given.
+    """
+    if bool(ckpt_path) == bool(pretrained):
+        raise ConfigError(
+            "give exactly one of ckpt_path=<run>/checkpoints/last.ckpt or "
+            f"pretrained=<dir or repo id> (got ckpt_path={ckpt_path!r}, pretrained={pretrained!r})"
+        )
+    if ckpt_path:
+        module, cfg = load_module_from_checkpoint(ckpt_path, map_location=device)
+        return module.diffusion, module.ema_net, module.image_shape, cfg
+    from ddpm.models.convert import unet_from_diffusers
+
+    if pretrained_diffusion is None:
+        raise ConfigError("pretrained=... needs pretrained_diffusion (schedule and objective)")
+    try:
+        net = unet_from_diffusers(str(pretrained), map_location="cpu")
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise CheckpointError(f"cannot load pretrained={pretrained!r}: {err}") from None
+    diffusion = _instantiate(pretrained_diffusion, "pretrained_diffusion")
+    image_shape = (int(net.in_channels), int(net.resolution), int(net.resolution))
+    return diffusion.to(device), net.to(device).eval(), image_shape, None

@@ -23,8 +23,8 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) -
     if images.dtype != torch.uint8:
         images = to_uint8(images)
     b, c, h, w = images.shape
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(b))))
-    ncol = int(math.ceil(b / nrow))
+    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
+    ncol = math.ceil(b / nrow)
     grid = np.zeros((ncol * (h + padding) + padding, nrow * (w + padding) + padding, c), np.uint8)
     for i in range(b):
         r, col = divmod(i, nrow)

@@ -68,6 +68,7 @@ class DiffusionLitModule(pl.LightningModule):
         self.register_buffer("_quartile_sums", torch.zeros(4), persistent=False)
         self.register_buffer("_quartile_counts", torch.zeros(4), persistent=False)
         self.diverged_at_step: int | None = None
+        self._last_loss = torch.zeros(())
         #: The resolved run configuration, stored in every checkpoint so it can be rebuilt.
         self.run_config: dict[str, Any] | None = None
 
@@ -86,6 +87,7 @@ class DiffusionLitModule(pl.LightningModule):
         terms = self.diffusion.training_losses(self.net, x0, t)
         self.timestep_sampler.update(t, terms["loss"])
         loss = (terms["loss"] * weights).mean()
+        self._last_loss = loss.detach()
 
         for name, value in terms.items():
             self.log(f"train/{name}", value.detach().mean(), on_step=True, prog_bar=name == "loss")
@@ -105,13 +107,19 @@ class DiffusionLitModule(pl.LightningModule):
             if norms:
                 self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step, then update the EMA and (every log interval) check the loss is finite.
+
+        Both happen here rather than in ``on_train_batch_end`` because Lightning runs callbacks'
+        batch-end hooks (checkpointing, sample grids) before the module's: a checkpoint must hold
+        the EMA of the step it is named after, and never a diverged model.
+        """
+        super().optimizer_step(*args, **kwargs)
         self.ema.update(self.net)
-        step = self.global_step
+        step = self.global_step + 1  # the step that just finished (global_step counts it later)
         if step % self._log_interval() == 0:
             self._flush_quartiles()
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            if not bool(torch.isfinite(loss)):
+            if not bool(torch.isfinite(self._last_loss)):
                 self.diverged_at_step = step
                 raise DivergenceError(
                     f"non-finite training loss at step {step} with {self.diffusion.name} "
@@ -153,14 +161,26 @@ class DiffusionLitModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the run configuration and every RNG state (a resumed run continues the stream)."""
+        """Store the run configuration and every RNG state (a resumed run continues the stream).
+
+        Everything is stored as tensors and plain Python values so the checkpoint loads with
+        ``torch.load(weights_only=True)``.
+        """
         checkpoint["run_config"] = self.run_config
         checkpoint["image_shape"] = list(self.image_shape)
+        np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # noqa: NPY002
+        py_version, py_state, py_gauss = random.getstate()
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
+            "numpy": [
+                str(np_kind),
+                torch.from_numpy(np_keys.astype(np.int64)),
+                int(np_pos),
+                int(np_has_gauss),
+                float(np_gauss),
+            ],
+            "python": [int(py_version), list(py_state), py_gauss],
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -170,5 +190,9 @@ class DiffusionLitModule(pl.LightningModule):
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
-        np.random.set_state(states["numpy"])
-        random.setstate(states["python"])
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state(  # noqa: NPY002
+            (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
+        )
+        version, state, gauss_next = states["python"]
+        random.setstate((version, tuple(state), gauss_next))

@@ -39,7 +39,9 @@ def publish_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
     ``log_every_n_steps``; an evaluation that costs minutes must never be dropped that way.
     """
     values = {name: float(value) for name, value in metrics.items()}
-    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+    trainer.callback_metrics.update(
+        {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
+    )
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)

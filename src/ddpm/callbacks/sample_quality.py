@@ -89,8 +89,6 @@ class SampleQualityCallback(pl.Callback):
             raise ValueError(f"num_samples must be >= 2 (a covariance needs 2), got {num_samples}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if compute_is and int(is_splits) > int(num_samples):
-            raise ValueError(f"is_splits={is_splits} exceeds num_samples={num_samples}")
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
         self.every_n_steps = int(every_n_steps or 0)
@@ -121,7 +119,19 @@ class SampleQualityCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.extractor is not None or self.disabled:
             return
-        self.kind = resolve_extractor_kind(self.feature_extractor, trainer.datamodule)
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "reference_dataset"):
+            raise ValueError(
+                "SampleQualityCallback needs the trainer to have a datamodule with "
+                "reference_dataset() (the training images for the reference statistics); got "
+                f"{type(datamodule).__name__}"
+            )
+        self.kind = resolve_extractor_kind(self.feature_extractor, datamodule)
+        if self.kind == "inception" and self.compute_is and self.is_splits > self.num_samples:
+            raise ValueError(
+                f"is_splits={self.is_splits} exceeds num_samples={self.num_samples}; lower "
+                "is_splits or set compute_is=False"
+            )
         try:
             self.extractor = build_feature_extractor(
                 self.kind,
@@ -150,10 +160,6 @@ class SampleQualityCallback(pl.Callback):
     def _reference_stats(self, trainer: pl.Trainer) -> tuple[np.ndarray, np.ndarray] | None:
         if not self._reference_ready:
             datamodule = trainer.datamodule
-            if datamodule is None or not hasattr(datamodule, "reference_dataset"):
-                raise RuntimeError(
-                    "SampleQualityCallback needs a datamodule with reference_dataset()"
-                )
             assert self.extractor is not None
             self._reference = reference_statistics(
                 datamodule.reference_dataset(),

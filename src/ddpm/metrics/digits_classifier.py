@@ -165,7 +165,7 @@ def load_or_train_digits_classifier(
     accuracy = digits_classifier_accuracy(model, "test")
     payload = {
         "state_dict": model.state_dict(),
-        "meta": {"config": expected, "test_accuracy": accuracy, "torch": torch.__version__},
+        "meta": {"config": expected, "test_accuracy": accuracy, "torch": str(torch.__version__)},
     }
     directory.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")

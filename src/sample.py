@@ -1,0 +1,19 @@
+"""Sample from a trained run or a released model:
+``python src/sample.py ckpt_path=… num_samples=64 sampler=ddim steps=50``."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from ddpm.cli import run_cli
+from ddpm.sampling_cli import sample
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    run_cli(sample, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Shared fixtures: composing the project's Hydra configs for tiny CPU runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+# Overrides that make any training config a tiny, offline, few-second CPU run.
+TINY = [
+    "data=digits",
+    "model=tiny",
+    "trainer=cpu",
+    "logger=csv",
+    "schedule.num_timesteps=50",
+    "data.batch_size=16",
+    "trainer.max_steps=3",
+    "trainer.log_every_n_steps=1",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "callbacks.sample_grid.every_n_steps=0",
+    "callbacks.sample_grid.num_samples=4",
+    "callbacks.sample_grid.steps=null",
+    "callbacks.sample_grid.eta=null",
+    "module.lr_warmup_steps=2",
+    "final_eval.nll_num_images=4",
+    "final_eval.range_check_samples=4",
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test may reach W&B or write outside its temporary directory."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``compose_cfg(*overrides, config_name="train", tiny=True)`` → a config writing to tmp_path."""
+
+    def _compose(*overrides: str, config_name: str = "train", tiny: bool = True) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            base = TINY if (tiny and config_name == "train") else []
+            cfg = compose(config_name, overrides=[*base, *overrides])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.data_dir = str(tmp_path / "data")
+        GlobalHydra.instance().clear()
+        return cfg
+
+    return _compose
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
