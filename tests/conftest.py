@@ -34,8 +34,11 @@ TINY = [
     "callbacks.sample_grid.steps=null",
     "callbacks.sample_grid.eta=null",
     "module.lr_warmup_steps=2",
-    "final_eval.nll_num_images=4",
     "final_eval.range_check_samples=4",
+    "callbacks.nll.num_images=4",
+    "callbacks.nll.batch_size=4",
+    "callbacks.nll.progress=false",
+    "~callbacks.sample_quality",
 ]
 
 

@@ -8,7 +8,6 @@ held-out data and ``metrics.json``. A non-finite loss ends the run cleanly with 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import time
@@ -150,6 +149,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for key, value in trainer.callback_metrics.items():
         if key.startswith(("fid", "is_", "fd_", "nll", "val/")) and key not in metrics:
             metrics[key] = float(value)
+    for callback in trainer.callbacks:  # per-timestep terms of the bound, when computed
+        terms = getattr(callback, "last_terms_path", None)
+        if terms:
+            metrics["nll_terms_npy"] = str(terms)
     metrics["wall_time_s"] = round(time.time() - start, 2)
     metrics["output_dir"] = str(output_dir)
 
@@ -166,7 +169,10 @@ def _final_evaluation(
     trainer: pl.Trainer,
     output_dir: Path,
 ) -> dict[str, Any]:
-    """Bits/dim on held-out data (``cfg.final_eval``) and a check that samples stay in range."""
+    """The sample grid's path and (``cfg.final_eval.range_check_samples``) whether samples stay in range.
+
+    Bits/dim and sample quality come from the NLL and sample-quality callbacks at train end.
+    """
     result: dict[str, Any] = {}
     final = cfg.get("final_eval") or {}
     if not trainer.is_global_zero:
@@ -175,26 +181,6 @@ def _final_evaluation(
     if grid is not None and grid.last_path is not None:
         result["samples_png"] = str(grid.last_path)
     device = module.device
-    num_images = int(final.get("nll_num_images", 0) or 0)
-    if num_images > 0:
-        images = _heldout_images(datamodule, num_images).to(device)
-        generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-        batch_size = int(final.get("nll_batch_size", 256))
-        totals, priors = [], []
-        with torch.no_grad():
-            for chunk in images.split(batch_size):
-                out = module.diffusion.nll_bpd(module.ema_net, chunk, generator=generator)
-                totals.append(out["total"])
-                priors.append(out["prior"])
-        total, prior = torch.cat(totals), torch.cat(priors)
-        result.update(
-            nll_bpd=float(total.mean()),
-            nll_bpd_stderr=float(total.std() / math.sqrt(total.numel()))
-            if total.numel() > 1
-            else 0.0,
-            nll_prior_bpd=float(prior.mean()),
-            nll_num_images=int(total.numel()),
-        )
     num_samples = int(final.get("range_check_samples", 0) or 0)
     if num_samples > 0:
         generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1)
@@ -206,19 +192,6 @@ def _final_evaluation(
         out_of_range = float((samples.abs() > 1.0 + 2.0 / 255).float().mean()) if finite else 1.0
         result.update(samples_finite=finite, samples_out_of_range_fraction=out_of_range)
     return result
-
-
-def _heldout_images(datamodule: Any, num_images: int) -> torch.Tensor:
-    """The first ``num_images`` images ``[N, C, H, W]`` of the test split (all if fewer)."""
-    datamodule.setup("test")
-    chunks, count = [], 0
-    for batch in datamodule.test_dataloader():
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        chunks.append(x)
-        count += x.shape[0]
-        if count >= num_images:
-            break
-    return torch.cat(chunks)[:num_images]
 
 
 def _print_summary(metrics: dict[str, Any], path: Path, trainer: pl.Trainer, offline: bool) -> None:

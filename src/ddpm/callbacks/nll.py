@@ -69,6 +69,7 @@ class NLLCallback(pl.Callback):
         self.progress = bool(progress)
         self._last_step: int | None = None
         self.last_result: dict | None = None
+        self.last_terms_path: Path | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -133,7 +134,8 @@ class NLLCallback(pl.Callback):
         if self.save_terms:
             out_dir = Path(trainer.default_root_dir) / "nll"
             out_dir.mkdir(parents=True, exist_ok=True)
-            np.save(out_dir / f"terms_step{step:07d}.npy", terms)
+            self.last_terms_path = out_dir / f"terms_step{step:07d}.npy"
+            np.save(self.last_terms_path, terms)
         from lightning.pytorch.loggers import WandbLogger
 
         for logger in trainer.loggers:

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from ddpm.errors import UserError
 from ddpm.metrics.features import exact_float32, sha256_file
 
 __all__ = [
@@ -54,7 +55,7 @@ except ImportError:  # pragma: no cover - torch-fidelity is a hard dependency
     )
 
 
-class InceptionWeightsUnavailable(RuntimeError):
+class InceptionWeightsUnavailable(UserError):
     """The Inception weights file was not found and could not (or may not) be downloaded."""
 
 

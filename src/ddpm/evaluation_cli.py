@@ -1,0 +1,89 @@
+"""``evaluate(cfg)``: IS/FID (or fd_digits) and bits/dim of a checkpoint or released model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, open_dict
+
+from ddpm.builders import build_datamodule, ensure_writable_dir, load_for_inference
+from ddpm.errors import ConfigError
+from ddpm.metrics import evaluate_nll, evaluate_sample_quality
+from ddpm.sampling_cli import resolve_device
+from ddpm.training import write_json_atomic
+
+__all__ = ["evaluate"]
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate and write ``<output_dir>/metrics.json`` (and ``nll_terms.npy``); return the metrics."""
+    start = time.time()
+    output_dir = ensure_writable_dir(cfg.output_dir)
+    device = resolve_device(cfg.device)
+    diffusion, net, image_shape, run_cfg = load_for_inference(
+        cfg.ckpt_path, cfg.pretrained, cfg.get("pretrained_diffusion"), device
+    )
+    data_cfg = run_cfg.data if run_cfg is not None else cfg.pretrained_data
+    if cfg.get("data_dir"):
+        with open_dict(data_cfg):
+            data_cfg.data_dir = str(cfg.data_dir)
+    datamodule = build_datamodule(DictConfig({"data": data_cfg}))
+    if tuple(datamodule.image_shape) != tuple(image_shape):
+        raise ConfigError(
+            f"the model generates {tuple(image_shape)} images but the data has "
+            f"{tuple(datamodule.image_shape)}; pass matching data"
+        )
+
+    metrics: dict[str, Any] = {
+        "ckpt_path": cfg.ckpt_path,
+        "pretrained": cfg.pretrained,
+        "diffusion": diffusion.name,
+        "num_timesteps": diffusion.num_timesteps,
+        "seed": int(cfg.seed),
+    }
+    quality = cfg.sample_quality
+    if quality.enabled:
+        metrics.update(
+            evaluate_sample_quality(
+                diffusion,
+                net,
+                datamodule,
+                num_samples=int(quality.num_samples),
+                batch_size=int(quality.batch_size),
+                seed=int(cfg.seed),
+                steps=quality.steps,
+                eta=quality.eta,
+                inception_weights=cfg.metrics.inception_weights,
+                allow_download=bool(cfg.metrics.allow_download),
+                cache_dir=cfg.paths.cache_dir,
+                device=device,
+                feature_extractor=quality.feature_extractor,
+                compute_is=bool(quality.compute_is),
+                is_splits=int(quality.is_splits),
+            )
+        )
+    if cfg.nll.enabled:
+        datamodule.setup("test")
+        result = evaluate_nll(
+            diffusion,
+            net,
+            datamodule.test_dataloader(),
+            num_images=int(cfg.nll.num_images),
+            seed=int(cfg.seed),
+            device=device,
+            batch_size=int(cfg.nll.batch_size),
+        )
+        terms = Path(output_dir) / "nll_terms.npy"
+        np.save(terms, result.pop("terms_bpd"))
+        metrics.update({k if k.startswith("nll") else f"nll_{k}": v for k, v in result.items()})
+        metrics["nll_terms_npy"] = str(terms)
+    metrics["wall_time_s"] = round(time.time() - start, 2)
+    path = write_json_atomic(metrics, Path(output_dir) / "metrics.json")
+    print(f"metrics: {path}", flush=True)
+    for key, value in metrics.items():
+        if key.startswith(("fid", "is_", "fd_", "nll_bpd")) and isinstance(value, float):
+            print(f"  {key}: {value:.4f}")
+    return metrics

@@ -1,0 +1,18 @@
+"""Evaluate a trained run or a released model: ``python src/eval.py ckpt_path=…``."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from ddpm.cli import run_cli
+from ddpm.evaluation_cli import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run_cli(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

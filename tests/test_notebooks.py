@@ -1,0 +1,272 @@
+"""The notebooks: committed clean, and every one executes end to end on the tiny configuration.
+
+The slow test runs each notebook with nbclient in a fresh kernel of this interpreter (a kernelspec
+written to a temporary ``JUPYTER_PATH``, so no installed kernelspec is needed or used), with
+``DDPM_NOTEBOOK_TINY=1`` and ``DDPM_NOTEBOOK_WORKDIR`` pointing at a temporary directory: nothing
+is written to the repository. The fast tests check the committed files and the helpers in
+``ddpm.notebook_utils`` against independent references.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+from ddpm import notebook_utils as nu
+from ddpm.diffusion import GaussianDiffusion, make_betas, schedule_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = ("01_forward_process.ipynb", "02_sampling.ipynb", "03_ablation.ipynb")
+
+
+def _load_strip_module():
+    spec = importlib.util.spec_from_file_location(
+        "strip_outputs", NOTEBOOK_DIR / "strip_outputs.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------- committed files
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_is_valid_and_stripped(name: str) -> None:
+    path = NOTEBOOK_DIR / name
+    nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+    nbformat.validate(nb)
+    assert nb.nbformat == 4
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert code_cells, f"{name} has no code"
+    for cell in code_cells:
+        assert cell.outputs == [], f"{name}: a cell has stored outputs; run strip_outputs.py"
+        assert cell.execution_count is None, f"{name}: execution counts are stored"
+    # The first code cell holds the parameters (papermill's tag), and reads the tiny flag.
+    assert "parameters" in code_cells[0].metadata.get("tags", [])
+    assert "TINY = None" in code_cells[0].source
+    assert _load_strip_module().is_stripped(path)
+
+
+def test_strip_outputs_removes_outputs(tmp_path: Path) -> None:
+    strip = _load_strip_module()
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("print(1)"), nbformat.v4.new_markdown_cell("# x")],
+        metadata={"kernelspec": {"name": "python3", "display_name": "P", "language": "python"}},
+    )
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
+    nb.cells[0].execution_count = 3
+    nb.cells[0].metadata.update(tags=["parameters"], execution={"x": 1})
+    nb.metadata["widgets"] = {"state": {}}
+    path = tmp_path / "dirty.ipynb"
+    nbformat.write(nb, path)
+
+    assert not strip.is_stripped(path)
+    assert strip.main(["--check", str(path)]) == 1
+    assert strip.main([str(path)]) == 0
+    clean = nbformat.read(path, as_version=4)
+    assert clean.cells[0].outputs == [] and clean.cells[0].execution_count is None
+    assert dict(clean.cells[0].metadata) == {"tags": ["parameters"]}
+    assert set(clean.metadata) == {"kernelspec"}
+    assert strip.main(["--check", str(path)]) == 0
+
+
+# --------------------------------------------------------------------------- helpers
+def test_notebook_settings_reads_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(nu.ENV_TINY, "1")
+    monkeypatch.setenv(nu.ENV_WORKDIR, str(tmp_path))
+    settings = nu.notebook_settings()
+    assert settings.tiny and settings.workdir == tmp_path.resolve()
+    assert settings.device == torch.device("cpu")
+    monkeypatch.setenv(nu.ENV_TINY, "0")
+    monkeypatch.delenv(nu.ENV_WORKDIR)
+    settings = nu.notebook_settings()
+    assert not settings.tiny and settings.workdir == ROOT
+
+
+def test_heldout_digits_match_sklearn_and_pad_with_background() -> None:
+    from sklearn.datasets import load_digits
+
+    images, labels = nu.heldout_digits(5, (1, 12, 12), offset=2)
+    assert images.shape == (5, 1, 12, 12) and images.dtype == torch.float32
+    # Independent reference: the split is RandomState(0).permutation(1797)[1500:].
+    index = np.random.RandomState(0).permutation(1797)[1500:][2:7]
+    bunch = load_digits()
+    expected = np.rint(bunch.images[index] * 255.0 / 16.0) / 127.5 - 1.0
+    np.testing.assert_allclose(images[:, 0, 2:10, 2:10].numpy(), expected, atol=1e-6)
+    assert labels.tolist() == bunch.target[index].tolist()
+    border = torch.ones(12, 12, dtype=torch.bool)
+    border[2:10, 2:10] = False
+    assert torch.all(images[:, 0][:, border] == -1.0)
+
+
+def test_find_latest_checkpoint_prefers_newest(tmp_path: Path) -> None:
+    assert nu.find_latest_checkpoint(tmp_path) is None
+    paths = []
+    for i, stamp in enumerate(["2026-01-02_00-00-00", "2026-01-01_00-00-00"]):
+        path = tmp_path / "logs/train/runs/quickstart" / stamp / "checkpoints/last.ckpt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+        paths.append(path)
+    assert nu.find_latest_checkpoint(tmp_path) == paths[1]  # newest by time written
+    assert nu.find_latest_checkpoint(tmp_path, "quickstart_tiny") is None
+
+
+def test_per_timestep_losses_zero_network_closed_form() -> None:
+    """ε-prediction net ≡ 0: L_simple = ‖ε‖², ε̂ = 0 and x̂₀ = x_t/√ᾱ (clipped for x0_mse)."""
+    T, seed = 40, 7
+    diffusion = GaussianDiffusion(make_betas("linear", T), "eps", "fixed_large", "simple")
+    x0, _ = nu.heldout_digits(6)
+    steps = [0, 13, 39]
+    out = nu.per_timestep_losses(diffusion, lambda x, t: torch.zeros_like(x), x0, steps, seed)
+
+    alpha_bar = schedule_tables(make_betas("linear", T))["alphas_cumprod"].numpy()
+    generator = torch.Generator().manual_seed(seed)
+    x0_64 = x0.double().numpy()
+    for k, t in enumerate(steps):
+        eps = torch.randn(x0.shape, generator=generator).double().numpy()
+        eps2 = float(np.mean(eps**2))
+        x_t = np.sqrt(alpha_bar[t]) * x0_64 + np.sqrt(1.0 - alpha_bar[t]) * eps
+        x0_error = float(np.mean((x0_64 - np.clip(x_t / np.sqrt(alpha_bar[t]), -1, 1)) ** 2))
+        assert out["loss"][k] == pytest.approx(eps2, rel=1e-5)
+        assert out["mse"][k] == pytest.approx(eps2, rel=1e-5)
+        assert out["eps_mse"][k] == pytest.approx(eps2, rel=1e-4)
+        assert out["x0_mse"][k] == pytest.approx(x0_error, rel=1e-4, abs=1e-7)
+        assert np.isfinite(out["bound_bpd"][k]) and out["bound_bpd"][k] > 0
+    assert out["t"].tolist() == steps
+
+
+def _write_run(run_dir: Path, metrics: dict, config: str | None = None) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    if config is not None:
+        (run_dir / ".hydra").mkdir()
+        (run_dir / ".hydra" / "config.yaml").write_text(config)
+
+
+def test_load_sweep_and_table(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    _write_run(
+        sweep / "0-eps",
+        {
+            "run_name": "eps-run",
+            "diffusion": "eps-fixed_large-simple",
+            "schedule": "linear",
+            "num_timesteps": 10,
+            "global_step": 100,
+            "diverged": False,
+            "final_train_loss": 0.123456,
+            "nll_bpd": 3.5,
+            "fd_digits_1k_ddim50": 12.0,
+        },
+    )
+    terms = np.linspace(1.0, 0.1, 10)
+    (sweep / "0-eps" / "nll").mkdir()
+    np.save(sweep / "0-eps" / "nll" / "terms_step0000100.npy", terms)
+    _write_run(
+        sweep / "1-mu",
+        {"diverged": True, "global_step": 7, "nll_bpd": 9.0, "schedule": "linear"},
+        config="parameterization: {name: mu}\nvariance: {name: learned}\nloss: {name: vlb}\n",
+    )
+    runs = nu.load_sweep(sweep)
+    assert [r.name for r in runs] == ["eps-run", "1-mu"]
+    assert [r.objective for r in runs] == ["eps-fixed_large-simple", "mu-learned-vlb"]
+    assert runs[0].checkpoint is None and runs[1].nll_terms is None
+    np.testing.assert_array_equal(nu.bound_terms_bpd(runs[0]), terms)
+    assert nu.bound_terms_bpd(runs[1]) is None
+
+    header, rows = nu.sweep_table(runs)
+    assert header[-1] == "fd_digits_1k_ddim50"
+    eps_row, mu_row = (dict(zip(header, row)) for row in rows)
+    assert eps_row["train loss"] == "0.1235" and eps_row["bits/dim"] == "3.5"
+    assert eps_row["diverged"] == "no" and eps_row["fd_digits_1k_ddim50"] == "12"
+    assert mu_row["diverged"] == "yes" and mu_row["bits/dim"] == "–"  # diverged: no metrics
+
+    lines = nu.markdown_table(header, rows).splitlines()
+    assert len(lines) == 4 and lines[1].count("---") == len(header)
+    (sweep / "ablation.csv").write_text("objective,FID\neps,3.17\n")
+    assert nu.read_csv_table(sweep / "ablation.csv") == (["objective", "FID"], [["eps", "3.17"]])
+    with pytest.raises(FileNotFoundError):
+        nu.load_sweep(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- execution
+def _kernelspec(tmp_path: Path) -> str:
+    """A kernelspec running this interpreter, in a private JUPYTER_PATH; returns its name."""
+    name = "ddpm-lab-test"
+    kernel_dir = tmp_path / "jupyter" / "kernels" / name
+    kernel_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "ddpm-lab (tests)",
+        "language": "python",
+    }
+    (kernel_dir / "kernel.json").write_text(json.dumps(spec))
+    return name
+
+
+def _snapshot(paths: list[Path]) -> dict[str, float]:
+    found = {}
+    for base in paths:
+        if base.exists():
+            for path in base.rglob("*"):
+                found[str(path)] = path.stat().st_mtime
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_executes_in_tiny_mode(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbclient import NotebookClient
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.setenv(nu.ENV_TINY, "1")
+    monkeypatch.setenv(nu.ENV_WORKDIR, str(workdir))
+    monkeypatch.delenv("DDPM_NOTEBOOK_SWEEP_DIR", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # modest CPU use; oversubscribed OpenMP crawls
+    watched = [ROOT / "logs" / "train" / "runs" / "quickstart_tiny", ROOT / "logs" / "notebooks"]
+    watched.append(NOTEBOOK_DIR)
+    before = _snapshot(watched)
+
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    client = NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name=_kernelspec(tmp_path),
+        resources={"metadata": {"path": str(workdir)}},
+    )
+    client.execute()  # raises CellExecutionError with the cell's traceback on any error
+
+    images = [
+        output
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if "image/png" in output.get("data", {})
+    ]
+    assert images, f"{name} produced no figure"
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+    ]
+    assert not errors
+    assert _snapshot(watched) == before, "the notebook wrote into the repository"
+    if name != "01_forward_process.ipynb":  # these train (tiny) models into the work directory
+        assert any(workdir.joinpath("logs").rglob("last.ckpt"))
