@@ -401,3 +401,29 @@ def test_sampler_argument_errors() -> None:
         d.sample(
             net, shape, steps=10, x_T=torch.zeros(shape, dtype=torch.float64), t_start=not_kept
         )
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+def test_respaced_learned_variance_keeps_its_position_between_the_bounds(frac):
+    """Raw learned log σ² at the original t maps to the same interpolation between the child's
+    bounds that learned_range would use (float64, exact up to rounding: 1e-12)."""
+    T, steps = 100, 10
+    betas = make_betas("linear", T)
+    learned = GaussianDiffusion(betas, "eps", "learned", "vlb", dtype=torch.float64)
+    ranged = GaussianDiffusion(betas, "eps", "learned_range", "vlb", dtype=torch.float64)
+    child_l, kept = learned.respaced(steps)
+    child_r, _ = ranged.respaced(steps)
+    x_t = torch.zeros(steps, 1, 2, 2, dtype=torch.float64)
+    t = torch.arange(steps)
+    orig = kept[t]
+    parent_log = (
+        frac * learned.log_betas[orig] + (1 - frac) * learned.posterior_log_variance_clipped[orig]
+    )
+    raw = torch.cat([torch.zeros_like(x_t), parent_log.view(-1, 1, 1, 1).expand_as(x_t)], 1)
+    v = torch.cat([torch.zeros_like(x_t), torch.full_like(x_t, 2 * frac - 1)], 1)
+    out_l = child_l.p_mean_variance(raw, x_t, t)
+    out_r = child_r.p_mean_variance(v, x_t, t)
+    torch.testing.assert_close(out_l["log_variance"], out_r["log_variance"], rtol=0, atol=1e-12)
+    # Without respacing the raw output is the log-variance itself.
+    full = learned.p_mean_variance(raw, x_t, orig)
+    torch.testing.assert_close(full["log_variance"], raw[:, 1:], rtol=0, atol=0)

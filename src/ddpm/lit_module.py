@@ -38,6 +38,11 @@ class DiffusionLitModule(pl.LightningModule):
         timestep_sampler: ``uniform`` or ``loss_second_moment`` (importance sampling).
         check_finite_every_n_steps: how often the loss is checked for NaN/inf (a host sync);
             None uses the trainer's ``log_every_n_steps``.
+        channels_last: run the UNet in channels-last memory format.
+        bf16_autocast: run the UNet under bfloat16 autocast; its output is cast back to float32
+            so the diffusion maths and losses stay in float32.
+        compile: ``torch.compile`` the UNet for training (the EMA copy stays eager).
+        fused_adam: pass ``fused=True`` to the optimiser on CUDA (ignored on the CPU).
 
     Attributes ``net``, ``ema_net`` and ``diffusion`` are what callbacks use; sampling and
     evaluation always go through ``ema_net``.
@@ -53,6 +58,10 @@ class DiffusionLitModule(pl.LightningModule):
         ema_decay: float = 0.9999,
         timestep_sampler: str = "uniform",
         check_finite_every_n_steps: int | None = None,
+        channels_last: bool = False,
+        bf16_autocast: bool = False,
+        compile: bool = False,
+        fused_adam: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "diffusion", "optimizer"])
@@ -64,6 +73,14 @@ class DiffusionLitModule(pl.LightningModule):
         self.ema = ExponentialMovingAverage(net, decay=ema_decay)
         self.timestep_sampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps)
         self.check_finite_every_n_steps = check_finite_every_n_steps
+        self.channels_last = bool(channels_last)
+        self.bf16_autocast = bool(bf16_autocast)
+        self.fused_adam = bool(fused_adam)
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+            self.ema.ema_net.to(memory_format=torch.channels_last)
+        # Kept outside the module tree so the state dict has no duplicate `_orig_mod` keys.
+        self._compiled_net = torch.compile(self.net) if compile else None
         # Running sums of the loss per quartile of t, flushed at each logging step (no per-step sync).
         self.register_buffer("_quartile_sums", torch.zeros(4), persistent=False)
         self.register_buffer("_quartile_counts", torch.zeros(4), persistent=False)
@@ -78,13 +95,20 @@ class DiffusionLitModule(pl.LightningModule):
         return self.ema.ema_net
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x_t, t)
+        """The training network's output ``[B, C·m, H, W]`` (float32) for ``x_t`` at ``t``."""
+        net = self._compiled_net or self.net
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        if self.bf16_autocast:
+            with torch.autocast(device_type=x_t.device.type, dtype=torch.bfloat16):
+                return net(x_t, t).float()
+        return net(x_t, t)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
-        terms = self.diffusion.training_losses(self.net, x0, t)
+        terms = self.diffusion.training_losses(self, x0, t)
         self.timestep_sampler.update(t, terms["loss"])
         loss = (terms["loss"] * weights).mean()
         self._last_loss = loss.detach()
@@ -149,7 +173,10 @@ class DiffusionLitModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=2e-4))
-        optimizer = factory(self.net.parameters())
+        if self.fused_adam and self.device.type == "cuda":
+            optimizer = factory(self.net.parameters(), fused=True)
+        else:
+            optimizer = factory(self.net.parameters())
         warmup = max(self.lr_warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup)

@@ -66,6 +66,34 @@ class _RespacedParameterization(Parameterization):
         return f"Respaced({self.base!r})"
 
 
+class _RespacedLearnedVariance(Variance):
+    """The raw learned log σ² (``learned``) seen from a respaced child.
+
+    The network's log σ² is the variance of a *one-step* transition at the original timestep, too
+    small for the child's longer jump. It is read as a position between that step's bounds,
+    frac = (log σ² − log β̃)/(log β − log β̃) with the parent's tables at ``timestep_map[t]``, and
+    mapped to the same position between the child's bounds (what ``learned_range`` does by
+    construction). Without respacing it is the plain log σ².
+    """
+
+    name = "learned"
+    learned = True
+
+    def __init__(self, parent: GaussianDiffusion, timestep_map: torch.Tensor) -> None:
+        self.parent = parent
+        self.timestep_map = timestep_map
+
+    def __call__(self, d, var_output, x_t, t):
+        original = self.timestep_map[t]
+        parent_min = self.parent.extract("posterior_log_variance_clipped", original, x_t)
+        parent_max = self.parent.extract("log_betas", original, x_t)
+        frac = (var_output - parent_min) / (parent_max - parent_min)
+        min_log = d.extract("posterior_log_variance_clipped", t, x_t)
+        max_log = d.extract("log_betas", t, x_t)
+        log_variance = frac * max_log + (1.0 - frac) * min_log
+        return torch.exp(log_variance), log_variance
+
+
 class GaussianDiffusion(nn.Module):
     """Schedule tables (buffers) plus the parameterisation, variance and loss strategies.
 
@@ -314,10 +342,13 @@ class GaussianDiffusion(nn.Module):
             previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
             betas = 1.0 - alphas_cumprod / previous
             kept = kept.to(self.betas.device)
+            variance = self.variance
+            if variance.name == "learned":
+                variance = _RespacedLearnedVariance(self, kept)
             child = GaussianDiffusion(
                 betas,
                 _RespacedParameterization(self.parameterization, self, kept),
-                self.variance,
+                variance,
                 self.loss,
                 dtype=self.betas.dtype,
             ).to(self.betas.device)
