@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.builders import build_datamodule, ensure_writable_dir, load_for_inference
 from ddpm.errors import ConfigError
@@ -26,7 +26,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     diffusion, net, image_shape, run_cfg = load_for_inference(
         cfg.ckpt_path, cfg.pretrained, cfg.get("pretrained_diffusion"), device
     )
-    data_cfg = run_cfg.data if run_cfg is not None else cfg.pretrained_data
+    data_node = run_cfg.data if run_cfg is not None else cfg.pretrained_data
+    data_cfg = OmegaConf.create(OmegaConf.to_container(data_node, resolve=True))
     if cfg.get("data_dir"):
         with open_dict(data_cfg):
             data_cfg.data_dir = str(cfg.data_dir)

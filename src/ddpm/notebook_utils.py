@@ -179,6 +179,13 @@ def compose_train_config(
     with open_dict(cfg):
         cfg.paths.root_dir = str(workdir)
         cfg.paths.output_dir = str(Path(output_dir).resolve())
+        if cfg.trainer.get("enable_progress_bar", True) and "progress_bar" not in cfg.callbacks:
+            # Lightning picks RichProgressBar when rich is installed; inside a Jupyter kernel it
+            # redirects stderr so that any tqdm bar (NLL, sample quality) recurses until it fails.
+            cfg.callbacks.progress_bar = {
+                "_target_": "lightning.pytorch.callbacks.TQDMProgressBar",
+                "refresh_rate": int(cfg.trainer.get("log_every_n_steps") or 50),
+            }
     if tiny:
         _shrink_for_tiny(cfg)
     return cfg
@@ -205,7 +212,10 @@ def find_latest_checkpoint(workdir: str | Path, run_name: str = QUICKSTART_RUN) 
 
 
 def get_or_train_quickstart(
-    tiny: bool = False, workdir: str | Path | None = None, retrain: bool = False
+    tiny: bool = False,
+    workdir: str | Path | None = None,
+    retrain: bool = False,
+    overrides: Sequence[str] = (),
 ) -> Path:
     """The newest quickstart checkpoint under ``workdir``; train one first if there is none.
 
@@ -215,6 +225,7 @@ def get_or_train_quickstart(
             ``make quickstart``).
         workdir: default: :func:`notebook_settings`'s work directory.
         retrain: train a new run even if a checkpoint exists.
+        overrides: extra Hydra overrides for a run trained here (e.g. ``("trainer.max_steps=500",)``).
 
     Returns:
         Path of ``last.ckpt``.
@@ -226,9 +237,10 @@ def get_or_train_quickstart(
         return existing
     stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     output_dir = workdir / "logs" / "train" / "runs" / run_name / stamp
-    overrides = ["experiment=quickstart", f"run_name={run_name}"]
+    all_overrides = ["experiment=quickstart", f"run_name={run_name}", *overrides]
     print(f"no {run_name} checkpoint under {workdir}/logs: training one into {output_dir}")
-    train_run(compose_train_config(overrides, tiny=tiny, output_dir=output_dir, workdir=workdir))
+    cfg = compose_train_config(all_overrides, tiny=tiny, output_dir=output_dir, workdir=workdir)
+    train_run(cfg)
     checkpoint = find_latest_checkpoint(workdir, run_name)
     if checkpoint is None:
         raise RuntimeError(f"training finished but wrote no checkpoints/last.ckpt in {output_dir}")

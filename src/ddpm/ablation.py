@@ -1,0 +1,703 @@
+"""Sweep directory → Table 2 of Ho et al. (2020): ``python -m ddpm.ablation <sweep_dir>``.
+
+Reads every run below ``sweep_dir`` (any depth; a run is a directory holding ``metrics.json``
+and/or Hydra's ``.hydra/config.yaml``, e.g. ``<sweep>/<num>-<run_name>/`` of a multirun), groups
+the runs by objective (parameterisation × variance × loss) and schedule, and writes
+
+- ``ablation.md``: the paper's layout — objective rows; IS, FID (or the offline ``fd_digits``
+  proxy) and NLL (bits/dim) columns as mean ± std over seeds; the paper's numbers side by side;
+- ``ablation.csv``: the same cells plus the raw means, standard deviations and counts;
+- with ``--wandb``, the CSV rows as a W&B table (offline when no credentials are configured).
+
+Cells: ``–`` when every finished run of the row was unstable, as in the paper (non-finite
+training loss → ``diverged: true`` in metrics.json, non-finite samples, or more than
+``max_out_of_range`` of the sample pixels beyond ±(1 + 2/255) before quantisation, measured on
+the full ancestral sampler); ``n/a`` when the metric was not computed; runs without
+``metrics.json`` are listed as ``crashed`` and never stop the table from being built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = [
+    "DEFAULT_MAX_OUT_OF_RANGE",
+    "OBJECTIVES",
+    "Objective",
+    "RunRecord",
+    "TableRow",
+    "build_table",
+    "classify_run",
+    "find_runs",
+    "main",
+    "write_table",
+]
+
+#: Share of sample pixels allowed beyond ±(1 + 2/255) before a run counts as unstable ("–").
+DEFAULT_MAX_OUT_OF_RANGE = 0.05
+DIVERGED = "–"
+MISSING = "n/a"
+_SCHEDULE_ORDER = ("linear", "cosine")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective row: the experiment config, its groups, its label and the paper's numbers.
+
+    Paper numbers (CIFAR-10, linear schedule, T = 1000) are display strings: IS and FID from
+    Table 2 of Ho et al. (2020), the test-set NLL bound from their Table 1; None where the paper
+    has no number.
+    """
+
+    experiment: str
+    parameterization: str
+    variance: str
+    loss: str
+    label: str
+    paper_is: str | None = None
+    paper_fid: str | None = None
+    paper_nll: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.parameterization, self.variance, self.loss)
+
+
+#: The rows of the table, in the paper's order, then the extensions.
+OBJECTIVES: tuple[Objective, ...] = (
+    Objective(
+        "table2_mu_vlb_learned", "mu", "learned", "vlb",
+        "μ̃ prediction, L, learned diagonal Σ", "7.28 ± 0.10", "23.69",
+    ),
+    Objective(
+        "table2_mu_vlb_fixed", "mu", "fixed_large", "vlb",
+        "μ̃ prediction, L, fixed isotropic Σ", "8.06 ± 0.09", "13.22",
+    ),
+    Objective(
+        "table2_mu_simple", "mu", "fixed_large", "simple",
+        "μ̃ prediction, ‖μ̃ − μ̃_θ‖²", DIVERGED, DIVERGED,
+    ),
+    Objective(
+        "table2_eps_vlb_learned", "eps", "learned", "vlb",
+        "ε prediction, L, learned diagonal Σ", DIVERGED, DIVERGED,
+    ),
+    Objective(
+        "table2_eps_vlb_fixed", "eps", "fixed_large", "vlb",
+        "ε prediction, L, fixed isotropic Σ", "7.67 ± 0.13", "13.51", "≤ 3.70",
+    ),
+    Objective(
+        "table2_eps_simple", "eps", "fixed_large", "simple",
+        "ε prediction, ‖ε̃ − ε_θ‖² (L_simple)", "9.46 ± 0.11", "3.17", "≤ 3.75",
+    ),
+    Objective("ext_x0_simple", "x0", "fixed_large", "simple", "x₀ prediction, ‖x₀ − x̂₀‖² (ext.)"),
+    Objective("ext_v_simple", "v", "fixed_large", "simple", "v prediction, ‖v − v_θ‖² (ext.)"),
+    Objective(
+        "ext_eps_hybrid_learned_range", "eps", "learned_range", "hybrid",
+        "ε prediction, L_hybrid, learned-range Σ (ext.)",
+    ),
+)  # fmt: skip
+_BY_KEY = {objective.key: objective for objective in OBJECTIVES}
+#: The schedule the paper's numbers were measured with.
+PAPER_SCHEDULE = "linear"
+
+
+# ---------------------------------------------------------------------------- runs
+@dataclass
+class RunRecord:
+    """One run directory of a sweep.
+
+    ``status`` is ``"ok"``, ``"unstable"`` (diverged or out-of-range samples: a "–" in the
+    table), or ``"crashed"`` (no ``metrics.json``: the job died, or is still running);
+    ``reason`` says why it is not ``"ok"``.
+    """
+
+    path: Path
+    parameterization: str | None
+    variance: str | None
+    loss: str | None
+    schedule: str | None
+    seed: int | None
+    metrics: dict[str, Any] | None
+    config: DictConfig | None
+    status: str = "ok"
+    reason: str = ""
+
+    @property
+    def objective_key(self) -> tuple[str, str, str] | None:
+        if None in (self.parameterization, self.variance, self.loss):
+            return None
+        return (self.parameterization, self.variance, self.loss)  # type: ignore[return-value]
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / "metrics.json").is_file() or (path / ".hydra" / "config.yaml").is_file()
+
+
+def find_runs(sweep_dir: str | Path) -> list[Path]:
+    """Every run directory below ``sweep_dir`` (itself included), sorted; hidden dirs skipped.
+
+    A run directory holds ``metrics.json`` or ``.hydra/config.yaml``; the search does not descend
+    into a run directory (checkpoints, W&B files).
+    """
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep directory {str(root)!r} does not exist")
+    runs: list[Path] = []
+    for current, dirs, _files in os.walk(root):
+        path = Path(current)
+        if _is_run_dir(path):
+            runs.append(path)
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    return sorted(runs)
+
+
+def _select(cfg: DictConfig | None, key: str) -> Any:
+    if cfg is None:
+        return None
+    try:
+        return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+    except Exception:  # an interpolation that needs a running Hydra app
+        return None
+
+
+def _load_config(path: Path) -> DictConfig | None:
+    file = path / ".hydra" / "config.yaml"
+    if not file.is_file():
+        return None
+    try:
+        cfg = OmegaConf.load(file)
+    except Exception:  # a truncated file of a killed job
+        return None
+    return cfg if isinstance(cfg, DictConfig) else None
+
+
+def _load_metrics(path: Path) -> tuple[dict[str, Any] | None, str]:
+    file = path / "metrics.json"
+    if not file.is_file():
+        return None, "no metrics.json (crashed, killed or still running)"
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        return None, f"unreadable metrics.json ({err})"
+    if not isinstance(data, dict):
+        return None, "metrics.json is not a JSON object"
+    return data, ""
+
+
+def classify_run(
+    path: str | Path, max_out_of_range: float = DEFAULT_MAX_OUT_OF_RANGE
+) -> RunRecord:
+    """Read one run directory: its objective, schedule, seed, metrics and stability status.
+
+    The objective comes from ``metrics.json`` (``diffusion`` = ``"<param>-<variance>-<loss>"``,
+    what actually ran) or, for a crashed run, from ``.hydra/config.yaml``.
+    """
+    path = Path(path)
+    cfg = _load_config(path)
+    metrics, problem = _load_metrics(path)
+    parts: list[str | None] = [None, None, None]
+    if metrics and isinstance(metrics.get("diffusion"), str):
+        split = metrics["diffusion"].split("-")
+        if len(split) == 3:
+            parts = list(split)
+    for i, group in enumerate(("parameterization", "variance", "loss")):
+        if parts[i] is None:
+            parts[i] = _select(cfg, f"{group}.name")
+    schedule = (metrics or {}).get("schedule") or _select(cfg, "schedule.name")
+    seed = (metrics or {}).get("seed")
+    if seed is None:
+        seed = _select(cfg, "seed")
+    record = RunRecord(
+        path=path,
+        parameterization=parts[0],
+        variance=parts[1],
+        loss=parts[2],
+        schedule=str(schedule) if schedule is not None else None,
+        seed=int(seed) if isinstance(seed, (int, float)) else None,
+        metrics=metrics,
+        config=cfg,
+    )
+    if metrics is None:
+        record.status, record.reason = "crashed", problem
+        return record
+    reason = _instability(metrics, max_out_of_range)
+    if reason:
+        record.status, record.reason = "unstable", reason
+    return record
+
+
+def _instability(metrics: Mapping[str, Any], max_out_of_range: float) -> str:
+    """Why a finished run counts as unstable (the paper's "–"), or ``""``."""
+    if metrics.get("diverged"):
+        step = metrics.get("diverged_at_step")
+        return "diverged (non-finite loss" + (f" at step {step})" if step is not None else ")")
+    if metrics.get("samples_finite") is False:
+        return "non-finite samples"
+    for key, value in metrics.items():
+        if key.startswith("nonfinite_frac") and _finite(value) and value > 0:
+            return f"non-finite samples ({value:.1%} in {key})"
+    fraction = metrics.get("samples_out_of_range_fraction")
+    if _finite(fraction) and fraction > max_out_of_range:
+        return f"samples out of range ({fraction:.1%} of pixels > {max_out_of_range:.0%})"
+    return ""
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------- metric choice
+def _sample_quality_keys(runs: Iterable[RunRecord]) -> tuple[str | None, str | None]:
+    """The FID-like column (``fid_50k`` if any run has it, else the most common ``fid_*`` /
+    ``fd_digits_*`` key) and the matching IS key (``is_<same protocol>``), or None."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        for key, value in (run.metrics or {}).items():
+            if key.startswith(("fid_", "fd_digits_")) and _finite(value):
+                counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return None, None
+    if "fid_50k" in counts:
+        fd_key = "fid_50k"
+    else:
+        # Inception FID before the digits proxy, then the most runs, then the name.
+        fd_key = min(counts, key=lambda k: (not k.startswith("fid_"), -counts[k], k))
+    is_key = "is_" + fd_key.split("_", 1)[1] if fd_key.startswith("fid_") else None
+    return fd_key, is_key
+
+
+# ---------------------------------------------------------------------------- the table
+@dataclass
+class Cell:
+    """A metric over the runs of one row: display text and raw mean/std/count."""
+
+    text: str
+    mean: float | None = None
+    std: float | None = None
+    n: int = 0
+
+
+@dataclass
+class TableRow:
+    """One (objective, schedule) row of the table."""
+
+    experiment: str
+    label: str
+    parameterization: str
+    variance: str
+    loss: str
+    schedule: str
+    runs: list[RunRecord] = field(default_factory=list)
+    cells: dict[str, Cell] = field(default_factory=dict)
+    paper: dict[str, str] = field(default_factory=dict)
+    status: str = ""
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({r.seed for r in self.runs if r.seed is not None})
+
+
+def _format(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}"
+
+
+def _cell(runs: Sequence[RunRecord], key: str | None, digits: int) -> Cell:
+    """Mean ± sample std (n ≥ 2) of ``key`` over the stable runs; "–" / "n/a" otherwise."""
+    finished = [r for r in runs if r.metrics is not None]
+    stable = [r for r in finished if r.status == "ok"]
+    if finished and not stable:
+        return Cell(DIVERGED)
+    if key is None or not stable:
+        return Cell(MISSING)
+    values = [float(r.metrics[key]) for r in stable if _finite((r.metrics or {}).get(key))]
+    if not values:
+        return Cell(MISSING)
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        text, std = _format(mean, digits), None
+    else:
+        std = statistics.stdev(values)
+        text = f"{_format(mean, digits)} ± {_format(std, digits)}"
+    if len(values) < len(stable):  # the metric is missing in some seeds: say how many it covers
+        text += f" (n={len(values)})"
+    return Cell(text, mean, std, len(values))
+
+
+def _status(runs: Sequence[RunRecord]) -> str:
+    problems = [r for r in runs if r.status != "ok"]
+    if not problems:
+        return "ok"
+    parts = []
+    for run in sorted(problems, key=lambda r: (r.seed is None, r.seed or 0, str(r.path))):
+        who = f"seed {run.seed}" if run.seed is not None else run.path.name
+        parts.append(f"{who}: {run.status}, {run.reason}" if run.reason else f"{who}: {run.status}")
+    ok = len(runs) - len(problems)
+    if ok:
+        parts.append(f"{ok} ok")
+    return "; ".join(parts)
+
+
+def _schedule_rank(schedule: str) -> tuple[int, str]:
+    order = _SCHEDULE_ORDER.index(schedule) if schedule in _SCHEDULE_ORDER else len(_SCHEDULE_ORDER)
+    return order, schedule
+
+
+@dataclass
+class Table:
+    """The assembled table: rows plus what the column headers and notes need."""
+
+    rows: list[TableRow]
+    fd_key: str | None
+    is_key: str | None
+    unclassified: list[RunRecord]
+    runs: list[RunRecord]
+    max_out_of_range: float
+
+
+def build_table(
+    runs: Sequence[RunRecord],
+    fd_key: str | None = None,
+    max_out_of_range: float = DEFAULT_MAX_OUT_OF_RANGE,
+) -> Table:
+    """Group runs by (objective, schedule) and compute every cell.
+
+    Args:
+        runs: from :func:`classify_run`.
+        fd_key: the sample-quality metric (e.g. ``fid_50k``, ``fd_digits_1k_ddpm100``); None
+            chooses it from the runs (``fid_50k`` if present, else the most common key).
+    """
+    auto_fd, auto_is = _sample_quality_keys(runs)
+    if fd_key is None:
+        fd_key, is_key = auto_fd, auto_is
+    else:
+        is_key = "is_" + fd_key.split("_", 1)[1] if fd_key.startswith("fid_") else None
+    groups: dict[tuple[tuple[str, str, str], str], list[RunRecord]] = {}
+    unclassified = []
+    for run in runs:
+        if run.objective_key is None or run.schedule is None:
+            unclassified.append(run)
+            continue
+        groups.setdefault((run.objective_key, run.schedule), []).append(run)
+
+    known = [o.key for o in OBJECTIVES]
+    extra = sorted({key for key, _ in groups if key not in _BY_KEY})
+
+    def order(item: tuple[tuple[str, str, str], str]) -> tuple[int, tuple[int, str]]:
+        key, schedule = item
+        index = known.index(key) if key in _BY_KEY else len(known) + extra.index(key)
+        return index, _schedule_rank(schedule)
+
+    rows = []
+    for key, schedule in sorted(groups, key=order):
+        members = groups[(key, schedule)]
+        objective = _BY_KEY.get(key)
+        if objective is None:
+            p, v, loss = key
+            objective = Objective("", p, v, loss, f"{p} prediction, loss={loss}, variance={v}")
+        row = TableRow(
+            experiment=objective.experiment,
+            label=objective.label,
+            parameterization=key[0],
+            variance=key[1],
+            loss=key[2],
+            schedule=schedule,
+            runs=members,
+        )
+        row.cells = {
+            "is": _cell(members, is_key, 2),
+            "fd": _cell(members, fd_key, 2),
+            "nll": _cell(members, "nll_bpd", 3),
+        }
+        if schedule == PAPER_SCHEDULE:
+            row.paper = {
+                "is": objective.paper_is or "",
+                "fd": objective.paper_fid or "",
+                "nll": objective.paper_nll or "",
+            }
+        else:
+            row.paper = {"is": "", "fd": "", "nll": ""}
+        row.status = _status(members)
+        rows.append(row)
+    return Table(rows, fd_key, is_key, unclassified, list(runs), max_out_of_range)
+
+
+# ---------------------------------------------------------------------------- output
+def _headers(table: Table) -> list[str]:
+    fd = table.fd_key or "FID"
+    fd_header = f"FID ({fd})" if fd.startswith("fid") else fd
+    is_header = f"IS ({table.is_key})" if table.is_key else "IS"
+    return [
+        "Objective",
+        "Experiment",
+        "Schedule",
+        "Seeds",
+        is_header,
+        f"{fd_header} ↓",
+        "NLL test (bits/dim) ↓",
+        "Paper IS",
+        "Paper FID",
+        "Paper NLL",
+        "Status",
+    ]
+
+
+def _display_row(row: TableRow) -> list[str]:
+    finished = [r for r in row.runs if r.metrics is not None]
+    return [
+        row.label,
+        row.experiment,
+        row.schedule,
+        f"{len(finished)}/{len(row.runs)}" if len(finished) != len(row.runs) else str(len(finished)),
+        row.cells["is"].text,
+        row.cells["fd"].text,
+        row.cells["nll"].text,
+        row.paper["is"],
+        row.paper["fd"],
+        row.paper["nll"],
+        row.status,
+    ]
+
+
+_RAW_COLUMNS = [
+    "parameterization",
+    "variance",
+    "loss",
+    "seeds_run",
+    "n_ok",
+    "n_unstable",
+    "n_crashed",
+    "is_mean",
+    "is_std",
+    "is_n",
+    "fd_key",
+    "fd_mean",
+    "fd_std",
+    "fd_n",
+    "nll_bpd_mean",
+    "nll_bpd_std",
+    "nll_bpd_n",
+]
+
+
+def _raw_row(row: TableRow, table: Table) -> list[Any]:
+    def num(value: float | None) -> Any:
+        return "" if value is None else repr(float(value))
+
+    statuses = [r.status for r in row.runs]
+    cells = row.cells
+    return [
+        row.parameterization,
+        row.variance,
+        row.loss,
+        " ".join(str(s) for s in row.seeds),
+        statuses.count("ok"),
+        statuses.count("unstable"),
+        statuses.count("crashed"),
+        num(cells["is"].mean),
+        num(cells["is"].std),
+        cells["is"].n,
+        table.fd_key or "",
+        num(cells["fd"].mean),
+        num(cells["fd"].std),
+        cells["fd"].n,
+        num(cells["nll"].mean),
+        num(cells["nll"].std),
+        cells["nll"].n,
+    ]
+
+
+def csv_rows(table: Table) -> tuple[list[str], list[list[Any]]]:
+    """CSV header and rows: the markdown cells, then the raw numbers."""
+    header = _headers(table) + _RAW_COLUMNS
+    return header, [_display_row(r) + _raw_row(r, table) for r in table.rows]
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _nll_protocol(runs: Sequence[RunRecord]) -> str:
+    described = set()
+    for run in runs:
+        n = _select(run.config, "callbacks.nll.num_images")
+        split = _select(run.config, "callbacks.nll.split") or "test"
+        if n is not None:
+            described.add(f"first {n} images of the {split} split (capped at its size)")
+    return "; ".join(sorted(described)) or "see each run's config"
+
+
+def _commands(sweep_dir: Path) -> list[str]:
+    commands = []
+    for file in sorted(sweep_dir.rglob("multirun.yaml")):
+        try:
+            task = OmegaConf.select(OmegaConf.load(file), "hydra.overrides.task")
+        except Exception:
+            continue
+        if task is not None:
+            commands.append("python src/train.py -m " + " ".join(str(t) for t in task))
+    return commands
+
+
+def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
+    """The table and its notes as a markdown document."""
+    headers = _headers(table)
+    lines = ["# Table 2 ablation: parameterisation × objective", ""]
+    if sweep_dir is not None:
+        lines += [f"Sweep: `{sweep_dir}`", ""]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in table.rows:
+        lines.append("| " + " | ".join(_md_escape(c) for c in _display_row(row)) + " |")
+    lines += [
+        "",
+        "- Cells are mean ± sample standard deviation over the seeds that finished stably "
+        "(one seed: the value alone; `(n=k)` when a metric exists for only k of them). "
+        "`Seeds` counts finished runs (`finished/launched` when some crashed).",
+        f"- `{DIVERGED}`: every finished run of the row was unstable, as in the paper — a "
+        "non-finite training loss (`diverged`), non-finite samples, or more than "
+        f"{table.max_out_of_range:.0%} of the pixels of samples from the full ancestral sampler "
+        "beyond ±(1 + 2/255) before quantisation (`samples_out_of_range_fraction`).",
+        f"- `{MISSING}`: the metric was not computed (or the run crashed before writing "
+        "`metrics.json`); it is not a divergence.",
+        "- Paper columns: Ho et al. (2020), CIFAR-10, linear schedule, T = 1000: IS and FID "
+        "from Table 2 (50k samples), NLL (test-set bound) from Table 1; shown on the linear "
+        "rows only. The `fd_digits_*` proxy and digits bits/dim are not comparable with them in "
+        "value, only in ordering.",
+        f"- NLL: the full variational bound (all T terms + prior), {_nll_protocol(table.runs)}.",
+    ]
+    if table.fd_key and table.fd_key.startswith("fd_digits"):
+        lines.append(
+            f"- `{table.fd_key}`: Fréchet distance in the features of a small digits classifier "
+            "(docs/evaluation.md); the name gives the number of samples and the sampler."
+        )
+    commits = sorted({str(r.metrics.get("git_commit")) for r in table.runs if r.metrics})
+    if commits:
+        lines.append("- Code: " + ", ".join(f"`{c}`" for c in commits))
+    wall = [r.metrics.get("wall_time_s") for r in table.runs if r.metrics]
+    wall = [w for w in wall if _finite(w)]
+    if wall:
+        lines.append(
+            f"- Run time: {sum(wall) / 60:.1f} min summed over {len(wall)} runs "
+            f"(longest {max(wall) / 60:.1f} min)."
+        )
+    if sweep_dir is not None:
+        clock = Path(sweep_dir) / "wall_clock_s"
+        if clock.is_file():
+            try:
+                seconds = float(clock.read_text().strip())
+                lines.append(f"- Sweep wall-clock time: {seconds / 60:.1f} min.")
+            except ValueError:
+                pass
+        commands = _commands(Path(sweep_dir))
+        if commands:
+            lines += ["", "Commands:", "", "```"] + commands + ["```"]
+    if table.unclassified:
+        lines += ["", "Runs that could not be assigned to a row (no objective or schedule):", ""]
+        lines += [f"- `{r.path}`: {r.status} {r.reason}".rstrip() for r in table.unclassified]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table: Table, out_dir: str | Path, sweep_dir: str | Path | None = None) -> Path:
+    """Write ``ablation.md`` and ``ablation.csv`` into ``out_dir``; return the markdown path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md_path = out / "ablation.md"
+    tmp = md_path.with_name(".ablation.md.tmp")
+    tmp.write_text(render_markdown(table, sweep_dir))
+    os.replace(tmp, md_path)
+    header, rows = csv_rows(table)
+    csv_path = out / "ablation.csv"
+    tmp = csv_path.with_name(".ablation.csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+    return md_path
+
+
+def log_wandb(table: Table, sweep_dir: str | Path, project: str = "ddpm-lab") -> bool:
+    """Log the CSV rows as a W&B table (offline without credentials); False if W&B is off."""
+    if os.environ.get("WANDB_MODE") == "disabled":
+        return False
+    try:
+        import wandb
+    except ImportError:
+        print("W&B is not installed; skipping --wandb", file=sys.stderr)
+        return False
+    from ddpm.wandb_utils import wandb_has_credentials
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
+    header, rows = csv_rows(table)
+    run = wandb.init(
+        project=project,
+        job_type="ablation",
+        name=f"ablation-{Path(sweep_dir).resolve().name}",
+        mode=mode,
+        dir=str(sweep_dir),
+        config={"sweep_dir": str(sweep_dir), "fd_key": table.fd_key},
+    )
+    run.log({"ablation": wandb.Table(columns=header, data=[[str(c) for c in r] for r in rows])})
+    run.finish()
+    if mode == "offline":
+        print(f"W&B (offline): upload with: wandb sync {Path(run.dir).parent}")
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ddpm.ablation <sweep_dir> [--out DIR] [--wandb]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ddpm.ablation",
+        description="Build Table 2 (ablation.md, ablation.csv) from a sweep directory.",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="multirun directory (searched recursively)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: sweep)")
+    parser.add_argument("--wandb", action="store_true", help="also log the table to W&B")
+    parser.add_argument(
+        "--fd-key",
+        default=None,
+        help="sample-quality metric for the FID column (default: fid_50k if present, else the "
+        "most common fid_*/fd_digits_* key)",
+    )
+    parser.add_argument(
+        "--max-out-of-range",
+        type=float,
+        default=DEFAULT_MAX_OUT_OF_RANGE,
+        help="share of out-of-range sample pixels above which a run is unstable (default "
+        f"{DEFAULT_MAX_OUT_OF_RANGE})",
+    )
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"error: sweep directory {str(args.sweep_dir)!r} does not exist", file=sys.stderr)
+        return 1
+    runs = [classify_run(p, args.max_out_of_range) for p in find_runs(args.sweep_dir)]
+    if not runs:
+        print(
+            f"error: no runs (metrics.json or .hydra/config.yaml) below {str(args.sweep_dir)!r}",
+            file=sys.stderr,
+        )
+        return 1
+    table = build_table(runs, fd_key=args.fd_key, max_out_of_range=args.max_out_of_range)
+    md_path = write_table(table, args.out or args.sweep_dir, args.sweep_dir)
+    print(md_path.read_text())
+    print(f"wrote {md_path} and {md_path.with_suffix('.csv')}")
+    if args.wandb:
+        log_wandb(table, args.sweep_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
