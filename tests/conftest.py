@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -71,3 +72,6 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    # Tiny models gain nothing from intra-op threads, and oversubscribed OpenMP threads (tests
+    # that start subprocesses, a busy machine) can make them 100x slower.
+    torch.set_num_threads(1)

@@ -156,7 +156,7 @@ def _write_run(run_dir: Path, metrics: dict, config: str | None = None) -> None:
         (run_dir / ".hydra" / "config.yaml").write_text(config)
 
 
-def test_load_sweep_and_table(tmp_path: Path) -> None:
+def test_load_sweep_terms_and_table(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     _write_run(
         sweep / "0-eps",
@@ -187,19 +187,20 @@ def test_load_sweep_and_table(tmp_path: Path) -> None:
     np.testing.assert_array_equal(nu.bound_terms_bpd(runs[0]), terms)
     assert nu.bound_terms_bpd(runs[1]) is None
 
-    header, rows = nu.sweep_table(runs)
-    assert header[-1] == "fd_digits_1k_ddim50"
-    eps_row, mu_row = (dict(zip(header, row)) for row in rows)
-    assert eps_row["train loss"] == "0.1235" and eps_row["bits/dim"] == "3.5"
-    assert eps_row["diverged"] == "no" and eps_row["fd_digits_1k_ddim50"] == "12"
-    assert mu_row["diverged"] == "yes" and mu_row["bits/dim"] == "–"  # diverged: no metrics
-
-    lines = nu.markdown_table(header, rows).splitlines()
-    assert len(lines) == 4 and lines[1].count("---") == len(header)
-    (sweep / "ablation.csv").write_text("objective,FID\neps,3.17\n")
-    assert nu.read_csv_table(sweep / "ablation.csv") == (["objective", "FID"], [["eps", "3.17"]])
+    # The table comes from ddpm.ablation, rendered without writing into the sweep directory.
+    table = nu.ablation_markdown(sweep)
+    assert table is not None and not (sweep / "ablation.md").exists()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if "prediction" in line}
+    assert "3.500" in rows["ε prediction, ‖ε̃ − ε_θ‖² (L_simple)"]
+    mu_row = rows["μ̃ prediction, L, learned diagonal Σ"]
+    assert "9.000" not in mu_row and "–" in mu_row  # diverged: marked, its numbers hidden
     with pytest.raises(FileNotFoundError):
         nu.load_sweep(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert nu.ablation_markdown(empty) is None
+    (empty / "ablation.md").write_text("| committed |\n")
+    assert nu.ablation_markdown(empty) == "| committed |\n"
 
 
 # --------------------------------------------------------------------------- execution

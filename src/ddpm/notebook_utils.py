@@ -18,10 +18,8 @@ The quickstart checkpoint is ``<workdir>/logs/train/runs/quickstart/<time>/check
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import json
-import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ __all__ = [
     "TINY_OVERRIDES",
     "NotebookSettings",
     "SweepRun",
+    "ablation_markdown",
     "bound_terms_bpd",
     "compose_train_config",
     "find_latest_checkpoint",
@@ -47,13 +46,10 @@ __all__ = [
     "heldout_digits",
     "load_sweep",
     "make_demo_sweep",
-    "markdown_table",
     "notebook_settings",
     "per_timestep_losses",
-    "read_csv_table",
     "repo_root",
     "show_grid",
-    "sweep_table",
     "train_run",
 ]
 
@@ -83,11 +79,8 @@ TINY_OVERRIDES: tuple[str, ...] = (
     "module.ema_decay=0.9",
 )
 
-# The fallback sweep of 03_ablation.ipynb: the paper's best and a Table 2 row that learns Σ.
-DEMO_SWEEP_RUNS: dict[str, tuple[str, ...]] = {
-    "eps-fixed_large-simple": ("parameterization=eps", "variance=fixed_large", "loss=simple"),
-    "mu-learned-vlb": ("parameterization=mu", "variance=learned", "loss=vlb"),
-}
+# The fallback sweep of 03_ablation.ipynb: the paper's best Table 2 row and one that learns Σ.
+DEMO_SWEEP_RUNS: tuple[str, ...] = ("table2_eps_simple", "table2_mu_vlb_learned")
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -360,12 +353,12 @@ def per_timestep_losses(
 # --------------------------------------------------------------------------- sweeps
 @dataclass
 class SweepRun:
-    """One run of an ablation sweep directory.
+    """One run of an ablation sweep directory (as found by :func:`ddpm.ablation.find_runs`).
 
     Attributes:
         name: the run's name (``run_name`` of its metrics, else its directory name).
-        run_dir: the directory holding ``metrics.json``.
-        metrics: the contents of ``metrics.json``.
+        run_dir: the run directory.
+        metrics: the contents of ``metrics.json`` (empty for a crashed run).
         config: ``.hydra/config.yaml`` as a plain dict (empty if absent).
         checkpoint: ``checkpoints/last.ckpt`` if present.
         nll_terms: a saved ``[T]`` array of per-timestep bound terms (bits/dim) if present.
@@ -384,7 +377,7 @@ class SweepRun:
         if self.metrics.get("diffusion"):
             return str(self.metrics["diffusion"])
         parts = [
-            (self.config.get(group) or {}).get("name", "?")
+            str((self.config.get(group) or {}).get("name", "?"))
             for group in ("parameterization", "variance", "loss")
         ]
         return "-".join(parts)
@@ -401,18 +394,20 @@ def _nll_terms_path(run_dir: Path, metrics: dict[str, Any]) -> Path | None:
 
 
 def load_sweep(sweep_dir: str | Path) -> list[SweepRun]:
-    """Every run under ``sweep_dir`` (any directory with a ``metrics.json``), sorted by path.
+    """Every run below ``sweep_dir`` (the same runs as the table builder :mod:`ddpm.ablation`).
 
     Raises:
         FileNotFoundError: if ``sweep_dir`` does not exist.
     """
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep directory {str(sweep_dir)!r} does not exist")
+    from ddpm.ablation import find_runs
+
     runs = []
-    for metrics_path in sorted(sweep_dir.rglob("metrics.json")):
-        run_dir = metrics_path.parent
-        metrics = json.loads(metrics_path.read_text())
+    for run_dir in find_runs(sweep_dir):
+        metrics_path = run_dir / "metrics.json"
+        try:
+            metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        except ValueError:  # a truncated file of a killed job
+            metrics = {}
         config_path = run_dir / ".hydra" / "config.yaml"
         config = (
             OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
@@ -424,70 +419,28 @@ def load_sweep(sweep_dir: str | Path) -> list[SweepRun]:
             SweepRun(
                 name=str(metrics.get("run_name") or run_dir.name),
                 run_dir=run_dir,
-                metrics=metrics,
+                metrics=metrics if isinstance(metrics, dict) else {},
                 config=config if isinstance(config, dict) else {},
                 checkpoint=checkpoint if checkpoint.is_file() else None,
-                nll_terms=_nll_terms_path(run_dir, metrics),
+                nll_terms=_nll_terms_path(run_dir, metrics if isinstance(metrics, dict) else {}),
             )
         )
     return runs
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
+def ablation_markdown(sweep_dir: str | Path) -> str | None:
+    """Table 2 of the sweep as markdown, built by :mod:`ddpm.ablation` without writing files.
 
-
-def sweep_table(runs: Sequence[SweepRun]) -> tuple[list[str], list[list[str]]]:
-    """A Table-2-like summary of ``runs``: (header, rows of strings).
-
-    Columns: run, objective, schedule, T, steps, diverged, final training loss, bits/dim (full
-    bound on held-out images) and any sample-quality metric (``fd_*``, ``fid*``, ``is_*``) found.
-    Diverged runs are shown as such ("–" for their metrics), as in the paper.
+    Falls back to a committed ``ablation.md`` when the directory has no runs; None if neither.
     """
-    quality = sorted({k for r in runs for k in r.metrics if k.startswith(("fd_", "fid", "is_"))})
-    header = ["run", "objective", "schedule", "T", "steps", "diverged", "train loss", "bits/dim"]
-    header += quality
-    rows = []
-    for run in runs:
-        m = run.metrics
-        diverged = bool(m.get("diverged", False))
-        row = [
-            run.name,
-            run.objective,
-            m.get("schedule"),
-            m.get("num_timesteps"),
-            m.get("global_step"),
-            diverged,
-            None if diverged else m.get("final_train_loss"),
-            None if diverged else m.get("nll_bpd"),
-            *[None if diverged else m.get(k) for k in quality],
-        ]
-        rows.append([_fmt(v) for v in row])
-    return header, rows
+    from ddpm import ablation
 
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured markdown table (cells converted with ``str``; ``|`` escaped)."""
-
-    def line(cells: Sequence[Any]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
-
-
-def read_csv_table(path: str | Path) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of a CSV file such as the ablation builder's ``ablation.csv``."""
-    with open(path, newline="") as handle:
-        table = list(csv.reader(handle))
-    if not table:
-        return [], []
-    return table[0], table[1:]
+    sweep_dir = Path(sweep_dir)
+    records = [ablation.classify_run(path) for path in ablation.find_runs(sweep_dir)]
+    if records:
+        return ablation.render_markdown(ablation.build_table(records), sweep_dir)
+    saved = sweep_dir / "ablation.md"
+    return saved.read_text() if saved.is_file() else None
 
 
 def make_demo_sweep(
@@ -497,9 +450,9 @@ def make_demo_sweep(
     num_timesteps: int = 200,
     workdir: str | Path | None = None,
 ) -> Path:
-    """Train the two runs of :data:`DEMO_SWEEP_RUNS` into ``sweep_dir/<i>-<name>/`` (if missing).
+    """Train the experiments :data:`DEMO_SWEEP_RUNS` into ``sweep_dir/<i>-<name>/`` (if missing).
 
-    A stand-in for a real sweep (``make ablation-cpu``) so that 03_ablation.ipynb always has
+    A small stand-in for the real CPU sweep (``make ablation-cpu``, ``+scale=cpu``) so that 03_ablation.ipynb always has
     something to show. Each run writes ``metrics.json``, ``.hydra/config.yaml``,
     ``checkpoints/last.ckpt`` and (with the NLL callback) ``nll/terms_step*.npy``; runs that
     already have a ``metrics.json`` are kept.
@@ -531,12 +484,12 @@ def make_demo_sweep(
             "module.ema_decay=0.99",
             "optimizer.lr=1e-3",
         ]
-    for index, (name, overrides) in enumerate(DEMO_SWEEP_RUNS.items()):
+    for index, name in enumerate(DEMO_SWEEP_RUNS):
         output_dir = sweep_dir / f"{index}-{name}"
         if (output_dir / "metrics.json").is_file():
             continue
         cfg = compose_train_config(
-            [*base, *overrides, f"run_name={name}"],
+            [*base, f"experiment={name}", f"run_name={name}"],
             tiny=tiny,
             output_dir=output_dir,
             workdir=workdir,

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "diverged": False,
     }
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        with warnings.catch_warnings():
+            # The EMA copy is in eval mode on purpose (no dropout when sampling); Lightning's
+            # generic "modules in eval mode" warning would only confuse users about it.
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except DivergenceError as err:
         log.error(str(err))
         metrics.update(diverged=True, diverged_at_step=module.diverged_at_step, error=str(err))
