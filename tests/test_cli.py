@@ -162,8 +162,10 @@ def test_ddp_on_two_cpu_processes(tmp_path):
         (["variance=fixed_small", "loss=hybrid"], "Use loss=simple, or a learned variance"),
         (["parameterization=epsilon"], "Available options"),
         (["trainer.max_stpes=3"], "max_stpes"),
-        (["data=cifar10", "data.download=false", "model.attn_resolutions=[16]"],
-         "cifar-10-python.tar.gz"),
+        (
+            ["data=cifar10", "data.download=false", "model.attn_resolutions=[16]"],
+            "cifar-10-python.tar.gz",
+        ),
     ],
 )
 def test_bad_input_stops_with_one_clear_message(tmp_path, overrides, expected):

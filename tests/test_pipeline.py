@@ -120,9 +120,7 @@ def test_one_finite_training_step_for_every_valid_combination(compose_cfg, varia
 
 def test_invalid_combination_stops_train_before_data(compose_cfg, tmp_path):
     cfg = compose_cfg("variance=learned", "loss=simple", "data=cifar10")
-    with pytest.raises(
-        ConfigError, match="use loss=hybrid or loss=vlb|Use loss=hybrid or loss=vlb"
-    ):
+    with pytest.raises(ConfigError, match="Use loss=hybrid or loss=vlb"):
         train(cfg)
     assert not (tmp_path / "data").exists()
 
