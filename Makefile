@@ -38,5 +38,52 @@ format: install  ## ruff format and autofix
 	$(VENV)/bin/ruff format src tests bench
 	$(VENV)/bin/ruff check --fix src tests bench
 
+# ---------------------------------------------------------------- Table 2 ablation (docs/ablation.md)
+comma := ,
+# The objective rows (conf/experiment/): the paper's six, then three extensions.
+ABLATION_EXPERIMENTS := table2_mu_vlb_learned,table2_mu_vlb_fixed,table2_mu_simple,table2_eps_vlb_learned,table2_eps_vlb_fixed,table2_eps_simple,ext_x0_simple,ext_v_simple,ext_eps_hybrid_learned_range
+SCHEDULES ?= linear,cosine
+SEEDS ?= 0
+# Extra Hydra overrides, e.g. ABLATION_ARGS='hydra/launcher=submitit_slurm trainer=ddp'.
+ABLATION_ARGS ?=
+# Arguments of `python -m ddpm.ablation` (W&B table: offline without credentials).
+TABLE_ARGS ?= --wandb
+# Threads per training process of `make ablation-cpu` (one process per schedule runs in parallel).
+CPU_THREADS ?= 1
+NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
+
+ablation: install  ## Table 2 at paper scale on CIFAR-10 (GPU cluster): SEEDS=0,1,2 ABLATION_ARGS='hydra/launcher=submitit_slurm'
+	@dir=$(or $(SWEEP),logs/ablation/multiruns/$(NOW)); status=0; \
+	$(PY) src/train.py -m experiment=$(ABLATION_EXPERIMENTS) schedule=$(SCHEDULES) seed=$(SEEDS) \
+		+scale=paper hydra.sweep.dir=$$dir $(ABLATION_ARGS) || status=$$?; \
+	$(PY) -m ddpm.ablation $$dir $(TABLE_ARGS); exit $$status
+
+ablation-cpu: install  ## Table 2 on the embedded digits on 2 CPU cores (~1 h for one seed), then the table
+	@dir=$(or $(SWEEP),logs/ablation_cpu/multiruns/$(NOW)); mkdir -p $$dir; \
+	start=$$(date +%s); pids=""; status=0; \
+	trap 'kill $$pids 2>/dev/null; exit 130' INT TERM; \
+	for schedule in $(subst $(comma), ,$(SCHEDULES)); do \
+		echo "schedule=$$schedule: $$dir/$$schedule (log: $$dir/$$schedule.log)"; \
+		OMP_NUM_THREADS=$(CPU_THREADS) $(PY) src/train.py -m experiment=$(ABLATION_EXPERIMENTS) \
+			schedule=$$schedule seed=$(SEEDS) +scale=cpu hydra.sweep.dir=$$dir/$$schedule \
+			$(ABLATION_ARGS) > $$dir/$$schedule.log 2>&1 & pids="$$pids $$!"; \
+	done; \
+	for pid in $$pids; do wait $$pid || status=1; done; \
+	echo $$(( $$(date +%s) - start )) > $$dir/wall_clock_s; \
+	echo "wall-clock: $$(cat $$dir/wall_clock_s) s"; \
+	$(PY) -m ddpm.ablation $$dir $(TABLE_ARGS); exit $$status
+
+table: install  ## ablation.md/.csv from a sweep directory: make table SWEEP=logs/ablation_cpu/multiruns/<time>
+	@test -n "$(SWEEP)" || { echo "usage: make table SWEEP=<sweep directory> [TABLE_ARGS=...]" >&2; exit 2; }
+	$(PY) -m ddpm.ablation $(SWEEP) $(TABLE_ARGS)
+
+# ---------------------------------------------------------------- speed benchmark (docs/performance.md)
+MODELS ?= ddpm_cifar10 small
+# Extra arguments of bench/bench.py, e.g. BENCH_ARGS='--quick' or '--options default compile'.
+BENCH_ARGS ?=
+
+bench: install  ## speed benchmark -> bench/results/<device>.{json,md}: make bench DEVICE=cpu|cuda MODELS="ddpm_cifar10 small"
+	$(PY) bench/bench.py --device $(DEVICE) --models $(MODELS) $(BENCH_ARGS)
+
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache

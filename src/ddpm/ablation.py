@@ -12,8 +12,8 @@ the runs by objective (parameterisation × variance × loss) and schedule, and w
 Cells: ``–`` when every finished run of the row was unstable, as in the paper (non-finite
 training loss → ``diverged: true`` in metrics.json, non-finite samples, or more than
 ``max_out_of_range`` of the sample pixels beyond ±(1 + 2/255) before quantisation, measured on
-the full ancestral sampler); ``n/a`` when the metric was not computed; runs without
-``metrics.json`` are listed as ``crashed`` and never stop the table from being built.
+the full ancestral sampler, or a non-finite bound); ``n/a`` when the metric was not computed;
+runs without ``metrics.json`` are listed as ``crashed`` and never stop the table from being built.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ DEFAULT_MAX_OUT_OF_RANGE = 0.05
 DIVERGED = "–"
 MISSING = "n/a"
 _SCHEDULE_ORDER = ("linear", "cosine")
+_NOT_RUNS = {"wandb", "checkpoints", "samples", "nll", "csv", "tensorboard"}  # never descended into
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def find_runs(sweep_dir: str | Path) -> list[Path]:
-    """Every run directory below ``sweep_dir`` (itself included), sorted; hidden dirs skipped.
+    """Every run directory below ``sweep_dir`` (itself included), sorted; hidden and W&B dirs skipped.
 
     A run directory holds ``metrics.json`` or ``.hydra/config.yaml``; the search does not descend
     into a run directory (checkpoints, W&B files).
@@ -161,7 +162,7 @@ def find_runs(sweep_dir: str | Path) -> list[Path]:
             runs.append(path)
             dirs[:] = []
             continue
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _NOT_RUNS)
     return sorted(runs)
 
 
@@ -198,9 +199,7 @@ def _load_metrics(path: Path) -> tuple[dict[str, Any] | None, str]:
     return data, ""
 
 
-def classify_run(
-    path: str | Path, max_out_of_range: float = DEFAULT_MAX_OUT_OF_RANGE
-) -> RunRecord:
+def classify_run(path: str | Path, max_out_of_range: float = DEFAULT_MAX_OUT_OF_RANGE) -> RunRecord:
     """Read one run directory: its objective, schedule, seed, metrics and stability status.
 
     The objective comes from ``metrics.json`` (``diffusion`` = ``"<param>-<variance>-<loss>"``,
@@ -250,6 +249,9 @@ def _instability(metrics: Mapping[str, Any], max_out_of_range: float) -> str:
     for key, value in metrics.items():
         if key.startswith("nonfinite_frac") and _finite(value) and value > 0:
             return f"non-finite samples ({value:.1%} in {key})"
+    nll = metrics.get("nll_bpd")
+    if isinstance(nll, (int, float)) and not isinstance(nll, bool) and not math.isfinite(nll):
+        return "non-finite bound (nll_bpd)"
     fraction = metrics.get("samples_out_of_range_fraction")
     if _finite(fraction) and fraction > max_out_of_range:
         return f"samples out of range ({fraction:.1%} of pixels > {max_out_of_range:.0%})"
@@ -461,7 +463,9 @@ def _display_row(row: TableRow) -> list[str]:
         row.label,
         row.experiment,
         row.schedule,
-        f"{len(finished)}/{len(row.runs)}" if len(finished) != len(row.runs) else str(len(finished)),
+        f"{len(finished)}/{len(row.runs)}"
+        if len(finished) != len(row.runs)
+        else str(len(finished)),
         row.cells["is"].text,
         row.cells["fd"].text,
         row.cells["nll"].text,
@@ -567,7 +571,7 @@ def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
         "(one seed: the value alone; `(n=k)` when a metric exists for only k of them). "
         "`Seeds` counts finished runs (`finished/launched` when some crashed).",
         f"- `{DIVERGED}`: every finished run of the row was unstable, as in the paper — a "
-        "non-finite training loss (`diverged`), non-finite samples, or more than "
+        "non-finite training loss (`diverged`), non-finite samples or bound, or more than "
         f"{table.max_out_of_range:.0%} of the pixels of samples from the full ancestral sampler "
         "beyond ±(1 + 2/255) before quantisation (`samples_out_of_range_fraction`).",
         f"- `{MISSING}`: the metric was not computed (or the run crashed before writing "
@@ -577,6 +581,8 @@ def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
         "rows only. The `fd_digits_*` proxy and digits bits/dim are not comparable with them in "
         "value, only in ordering.",
         f"- NLL: the full variational bound (all T terms + prior), {_nll_protocol(table.runs)}.",
+        "- Fixed isotropic Σ is `variance=fixed_large` (σₜ² = βₜ, the official CIFAR-10 "
+        "setting); other variances appear as rows of their own (docs/ablation.md).",
     ]
     if table.fd_key and table.fd_key.startswith("fd_digits"):
         lines.append(
@@ -603,7 +609,7 @@ def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
                 pass
         commands = _commands(Path(sweep_dir))
         if commands:
-            lines += ["", "Commands:", "", "```"] + commands + ["```"]
+            lines += ["", "Commands:", "", "```", *commands, "```"]
     if table.unclassified:
         lines += ["", "Runs that could not be assigned to a row (no objective or schedule):", ""]
         lines += [f"- `{r.path}`: {r.status} {r.reason}".rstrip() for r in table.unclassified]

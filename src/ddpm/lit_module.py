@@ -20,6 +20,14 @@ __all__ = ["DiffusionLitModule", "DivergenceError"]
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
+def _drop_compiled_net_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Ignore ``_compiled_net._orig_mod.*`` keys (duplicates of ``net.*`` in older checkpoints)."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}_compiled_net.")]:
+        del state_dict[key]
+
+
 class DivergenceError(RuntimeError):
     """Raised (and caught by ``train``) when the training loss becomes non-finite."""
 
@@ -79,8 +87,11 @@ class DiffusionLitModule(pl.LightningModule):
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
             self.ema.ema_net.to(memory_format=torch.channels_last)
-        # Kept outside the module tree so the state dict has no duplicate `_orig_mod` keys.
-        self._compiled_net = torch.compile(self.net) if compile else None
+        # Kept outside the module tree so the state dict has no duplicate `_orig_mod` keys
+        # (nn.Module.__setattr__ would register the compiled wrapper as a submodule); it shares
+        # every parameter with `net`. Checkpoints written while it was registered still load.
+        object.__setattr__(self, "_compiled_net", torch.compile(self.net) if compile else None)
+        self.register_load_state_dict_pre_hook(_drop_compiled_net_keys)
         # Running sums of the loss per quartile of t, flushed at each logging step (no per-step sync).
         self.register_buffer("_quartile_sums", torch.zeros(4), persistent=False)
         self.register_buffer("_quartile_counts", torch.zeros(4), persistent=False)
@@ -96,7 +107,7 @@ class DiffusionLitModule(pl.LightningModule):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The training network's output ``[B, C·m, H, W]`` (float32) for ``x_t`` at ``t``."""
-        net = self._compiled_net or self.net
+        net = self.net if self._compiled_net is None else self._compiled_net
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         if self.bf16_autocast:
@@ -113,12 +124,37 @@ class DiffusionLitModule(pl.LightningModule):
         loss = (terms["loss"] * weights).mean()
         self._last_loss = loss.detach()
 
-        for name, value in terms.items():
-            self.log(f"train/{name}", value.detach().mean(), on_step=True, prog_bar=name == "loss")
+        if self._is_logging_step():
+            for name, value in terms.items():
+                mean = value.detach().mean()
+                if name == "loss":
+                    # A host snapshot: Lightning reads progress-bar metrics with .item() after every
+                    # step, which on a device tensor would synchronise each step.
+                    mean = mean.to("cpu", copy=True)
+                self.log(f"train/{name}", mean, on_step=True, prog_bar=name == "loss")
         quartile = (t * 4) // self.diffusion.num_timesteps
         self._quartile_sums.index_add_(0, quartile, terms["loss"].detach().float())
         self._quartile_counts.index_add_(0, quartile, torch.ones_like(terms["loss"]).float())
         return loss
+
+    def _is_logging_step(self) -> bool:
+        """Whether Lightning hands this step's metrics to the loggers.
+
+        True every ``log_every_n_steps`` (Lightning's own test), at the last step of a
+        ``max_steps`` run (so the final ``train/loss`` in ``callback_metrics`` is the last step's)
+        and always under ``fast_dev_run`` or without a trainer.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        step = self.global_step + 1
+        every = max(int(trainer.log_every_n_steps or 1), 1)
+        max_steps = trainer.max_steps
+        return (
+            bool(trainer.fast_dev_run)
+            or step % every == 0
+            or (max_steps is not None and 0 < max_steps <= step)
+        )
 
     def _log_interval(self) -> int:
         if self.check_finite_every_n_steps:

@@ -1,0 +1,386 @@
+"""The Table 2 ablation: experiment configs, the table builder, and a tiny end-to-end sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY  # tests/ is on sys.path under pytest
+from ddpm import ablation
+from ddpm.builders import build_diffusion
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# experiment → (parameterization, variance, loss): what each config must set.
+EXPERIMENTS = {
+    "table2_mu_vlb_learned": ("mu", "learned", "vlb"),
+    "table2_mu_vlb_fixed": ("mu", "fixed_large", "vlb"),
+    "table2_mu_simple": ("mu", "fixed_large", "simple"),
+    "table2_eps_vlb_learned": ("eps", "learned", "vlb"),
+    "table2_eps_vlb_fixed": ("eps", "fixed_large", "vlb"),
+    "table2_eps_simple": ("eps", "fixed_large", "simple"),
+    "ext_x0_simple": ("x0", "fixed_large", "simple"),
+    "ext_v_simple": ("v", "fixed_large", "simple"),
+    "ext_eps_hybrid_learned_range": ("eps", "learned_range", "hybrid"),
+}
+
+
+# ---------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
+def test_experiment_config_sets_its_objective_and_nothing_else(compose_cfg, experiment):
+    parameterization, variance, loss = EXPERIMENTS[experiment]
+    cfg = compose_cfg(f"experiment={experiment}", tiny=False)
+    assert (cfg.parameterization.name, cfg.variance.name, cfg.loss.name) == EXPERIMENTS[experiment]
+    assert cfg.run_name == f"{parameterization}-{variance}-{loss}-linear"
+    # Paper-scale defaults are untouched: CIFAR-10, the paper UNet, 800k steps, linear T = 1000.
+    assert cfg.data._target_.endswith("CIFAR10DataModule")
+    assert cfg.model.base_channels == 128 and cfg.trainer.max_steps == 800_000
+    assert cfg.schedule.name == "linear" and cfg.schedule.num_timesteps == 1000
+    # A valid combination: the diffusion builds (invalid ones raise ConfigError).
+    assert build_diffusion(cfg).name == f"{parameterization}-{variance}-{loss}"
+    text = (ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+
+
+def test_the_experiment_list_is_the_same_everywhere():
+    """conf/experiment, ddpm.ablation.OBJECTIVES and the Makefile name the same nine rows."""
+    files = {
+        p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml") if p.stem != "quickstart"
+    }
+    assert files >= set(EXPERIMENTS)
+    assert [o.experiment for o in ablation.OBJECTIVES] == list(EXPERIMENTS)
+    assert {o.experiment: o.key for o in ablation.OBJECTIVES} == EXPERIMENTS
+    makefile = (ROOT / "Makefile").read_text()
+    match = re.search(r"^ABLATION_EXPERIMENTS := (.+)$", makefile, flags=re.MULTILINE)
+    assert match is not None and match.group(1).split(",") == list(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_cpu_scale_composes_with_every_experiment(compose_cfg, schedule):
+    for experiment, objective in EXPERIMENTS.items():
+        cfg = compose_cfg(
+            f"experiment={experiment}", "+scale=cpu", f"schedule={schedule}", tiny=False
+        )
+        assert (cfg.parameterization.name, cfg.variance.name, cfg.loss.name) == objective
+        assert cfg.schedule.name == schedule and cfg.schedule.num_timesteps == 1000
+        assert cfg.data._target_.endswith("DigitsDataModule") and cfg.model.base_channels == 32
+        assert cfg.trainer.accelerator == "cpu" and cfg.task_name == "ablation_cpu"
+        # One evaluation protocol for every row: full ancestral sampler, fixed NLL subset.
+        quality = cfg.callbacks.sample_quality
+        assert quality.steps is None and quality.eta is None and quality.num_samples == 500
+        assert cfg.callbacks.nll.num_images == 100 and cfg.callbacks.nll.split == "test"
+        assert cfg.final_eval.range_check_samples > 0
+        assert cfg.callbacks.sample_grid.steps is None
+
+
+def test_paper_scale_keeps_the_paper_run_and_adds_the_paper_protocol(compose_cfg):
+    cfg = compose_cfg("experiment=table2_eps_simple", "+scale=paper", tiny=False)
+    assert cfg.data._target_.endswith("CIFAR10DataModule") and cfg.trainer.max_steps == 800_000
+    assert cfg.data.batch_size == 128 and cfg.module.ema_decay == pytest.approx(0.9999)
+    final = cfg.callbacks.sample_quality_final
+    assert final._target_ == "ddpm.callbacks.SampleQualityCallback"
+    assert final.num_samples == 50_000 and final.steps is None and final.eta is None
+    assert final.compute_is and final.is_splits == 10
+    assert cfg.callbacks.nll.num_images == 10_000 and cfg.final_eval.range_check_samples > 0
+
+
+# ---------------------------------------------------------------------------- synthetic sweep
+def _run(
+    root: Path,
+    name: str,
+    objective: tuple[str, str, str],
+    schedule: str,
+    seed: int,
+    metrics: dict | None,
+    config: bool = True,
+) -> Path:
+    """A run directory like a Hydra multirun job's: .hydra/config.yaml and metrics.json."""
+    path = root / name
+    path.mkdir(parents=True)
+    p, v, loss = objective
+    if config:
+        (path / ".hydra").mkdir()
+        cfg = {
+            "parameterization": {"name": p},
+            "variance": {"name": v},
+            "loss": {"name": loss},
+            "schedule": {"name": schedule, "num_timesteps": 1000},
+            "seed": seed,
+            "callbacks": {"nll": {"num_images": 100, "split": "test", "seed": "${seed}"}},
+            "paths": {"output_dir": "${hydra:runtime.output_dir}"},
+        }
+        (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if metrics is not None:
+        base = {
+            "diffusion": f"{p}-{v}-{loss}",
+            "schedule": schedule,
+            "seed": seed,
+            "diverged": False,
+            "git_commit": "abc123",
+            "wall_time_s": 60.0,
+            "samples_finite": True,
+            "samples_out_of_range_fraction": 0.0,
+        }
+        (path / "metrics.json").write_text(json.dumps({**base, **metrics}))
+    return path
+
+
+EPS_SIMPLE = EXPERIMENTS["table2_eps_simple"]
+EPS_VLB = EXPERIMENTS["table2_eps_vlb_fixed"]
+EPS_LEARNED = EXPERIMENTS["table2_eps_vlb_learned"]
+MU_SIMPLE = EXPERIMENTS["table2_mu_simple"]
+MU_VLB = EXPERIMENTS["table2_mu_vlb_fixed"]
+FD = "fd_digits_500"
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """A sweep with three seeds, a diverged run, out-of-range samples, a missing metric, a crash."""
+    root = tmp_path / "sweep"
+    linear, cosine = root / "linear", root / "cosine"  # nested: one sub-sweep per schedule
+    for seed, (fd, nll) in enumerate([(1.0, 1.10), (2.0, 1.20), (4.0, 1.30)]):
+        _run(linear, f"{seed}-eps-simple", EPS_SIMPLE, "linear", seed, {FD: fd, "nll_bpd": nll})
+    _run(
+        linear,
+        "3-mu-simple",
+        MU_SIMPLE,
+        "linear",
+        0,
+        {"diverged": True, "diverged_at_step": 123, "final_train_loss": float("nan")},
+    )
+    _run(
+        linear,
+        "4-mu-vlb",
+        MU_VLB,
+        "linear",
+        0,
+        {FD: 9.0, "nll_bpd": 2.0, "samples_out_of_range_fraction": 0.25},
+    )
+    _run(linear, "5-eps-vlb", EPS_VLB, "linear", 0, {FD: 3.0})  # no nll_bpd: "n/a"
+    _run(linear, "6-eps-learned", EPS_LEARNED, "linear", 0, None)  # crashed: config only
+    _run(cosine, "0-eps-simple", EPS_SIMPLE, "cosine", 0, {FD: 5.5, "nll_bpd": 1.25})
+    _run(cosine, "1-eps-simple", EPS_SIMPLE, "cosine", 1, {"diverged": True})
+    _run(cosine, "2-eps-simple", EPS_SIMPLE, "cosine", 2, {"nll_bpd": 1.35})  # no FD in one seed
+    # metrics.json without a saved config (e.g. copied results): the objective comes from it.
+    _run(cosine, "3-x0-small-vlb", ("x0", "fixed_small", "vlb"), "cosine", 0, {FD: 7.0}, False)
+    (root / "stray").mkdir()  # not a run
+    return root
+
+
+def _cells(table: ablation.Table) -> dict[tuple[str, str], dict[str, str]]:
+    headers = ablation._headers(table)
+    return {
+        (r.experiment or r.label, r.schedule): dict(zip(headers, ablation._display_row(r)))
+        for r in table.rows
+    }
+
+
+def test_find_runs_searches_recursively_and_skips_non_runs(sweep):
+    runs = ablation.find_runs(sweep)
+    assert len(runs) == 11
+    assert sweep / "linear" / "6-eps-learned" in runs and sweep / "stray" not in runs
+    with pytest.raises(FileNotFoundError):
+        ablation.find_runs(sweep / "missing")
+
+
+def test_classify_run_statuses(sweep):
+    linear = sweep / "linear"
+    ok = ablation.classify_run(linear / "0-eps-simple")
+    assert (ok.status, ok.objective_key, ok.schedule, ok.seed) == ("ok", EPS_SIMPLE, "linear", 0)
+    diverged = ablation.classify_run(linear / "3-mu-simple")
+    assert diverged.status == "unstable"
+    assert diverged.reason == "diverged (non-finite loss at step 123)"
+    out_of_range = ablation.classify_run(linear / "4-mu-vlb")
+    assert out_of_range.status == "unstable" and "25.0% of pixels" in out_of_range.reason
+    # The threshold is a parameter: 30% tolerates this run.
+    assert ablation.classify_run(linear / "4-mu-vlb", max_out_of_range=0.3).status == "ok"
+    crashed = ablation.classify_run(linear / "6-eps-learned")
+    assert crashed.status == "crashed" and crashed.objective_key == EPS_LEARNED
+    assert crashed.metrics is None and crashed.seed == 0
+    no_config = ablation.classify_run(sweep / "cosine" / "3-x0-small-vlb")
+    assert no_config.objective_key == ("x0", "fixed_small", "vlb") and no_config.seed == 0
+
+
+def test_table_cells(sweep):
+    runs = [ablation.classify_run(p) for p in ablation.find_runs(sweep)]
+    table = ablation.build_table(runs)
+    assert table.fd_key == FD and table.is_key is None
+    cells = _cells(table)
+    # Rows in the paper's order, then unknown objectives; linear before cosine.
+    assert [(r.experiment, r.schedule) for r in table.rows] == [
+        ("table2_mu_vlb_fixed", "linear"),
+        ("table2_mu_simple", "linear"),
+        ("table2_eps_vlb_learned", "linear"),
+        ("table2_eps_vlb_fixed", "linear"),
+        ("table2_eps_simple", "linear"),
+        ("table2_eps_simple", "cosine"),
+        ("", "cosine"),
+    ]
+    fd_col, nll_col = f"{FD} ↓", "NLL test (bits/dim) ↓"
+
+    # Three seeds: mean ± sample std. fd: mean 7/3, std sqrt(7/3); nll: mean 1.2, std 0.1.
+    row = cells[("table2_eps_simple", "linear")]
+    assert row["Seeds"] == "3" and row["IS"] == "n/a"
+    assert row[fd_col] == "2.33 ± 1.53" and row[nll_col] == "1.200 ± 0.100"
+    assert (row["Paper IS"], row["Paper FID"], row["Paper NLL"]) == (
+        "9.46 ± 0.11",
+        "3.17",
+        "≤ 3.75",
+    )
+    assert row["Status"] == "ok"
+
+    # Diverged (non-finite loss) and out-of-range samples: "–" like the paper.
+    row = cells[("table2_mu_simple", "linear")]
+    assert (row["IS"], row[fd_col], row[nll_col]) == ("–", "–", "–")
+    assert row["Status"] == "seed 0: unstable, diverged (non-finite loss at step 123)"
+    assert (row["Paper IS"], row["Paper FID"]) == ("–", "–")
+    row = cells[("table2_mu_vlb_fixed", "linear")]
+    assert (row[fd_col], row[nll_col]) == ("–", "–")
+    assert row["Status"].startswith("seed 0: unstable, samples out of range (25.0% of pixels")
+
+    # A missing metric is "n/a", not "–".
+    row = cells[("table2_eps_vlb_fixed", "linear")]
+    assert (row["IS"], row[fd_col], row[nll_col]) == ("n/a", "3.00", "n/a")
+    assert row["Paper NLL"] == "≤ 3.70"
+
+    # A crashed run (no metrics.json) is listed, with n/a cells, and does not stop the table.
+    row = cells[("table2_eps_vlb_learned", "linear")]
+    assert row["Seeds"] == "0/1" and (row[fd_col], row[nll_col]) == ("n/a", "n/a")
+    assert row["Status"].startswith("seed 0: crashed, no metrics.json")
+
+    # Cosine, seeds 0 ok, 1 diverged, 2 ok without FD: statistics over the stable seeds only.
+    row = cells[("table2_eps_simple", "cosine")]
+    assert row["Seeds"] == "3"
+    assert row[fd_col] == "5.50 (n=1)" and row[nll_col] == "1.300 ± 0.071"
+    assert row["Status"] == "seed 1: unstable, diverged (non-finite loss); 2 ok"
+    assert (row["Paper IS"], row["Paper FID"], row["Paper NLL"]) == ("", "", "")  # linear only
+
+    row = cells[("x0 prediction, loss=vlb, variance=fixed_small", "cosine")]
+    assert row[fd_col] == "7.00" and row["Experiment"] == ""
+
+
+def test_markdown_and_csv_files(sweep, tmp_path):
+    out = tmp_path / "out"
+    assert ablation.main([str(sweep), "--out", str(out)]) == 0
+    md = (out / "ablation.md").read_text()
+    header = (
+        "| Objective | Experiment | Schedule | Seeds | IS | fd_digits_500 ↓ | NLL test (bits/dim) ↓ "
+        "| Paper IS | Paper FID | Paper NLL | Status |"
+    )
+    assert header in md
+    assert (
+        "| ε prediction, ‖ε̃ − ε_θ‖² (L_simple) | table2_eps_simple | linear | 3 | n/a "
+        "| 2.33 ± 1.53 | 1.200 ± 0.100 | 9.46 ± 0.11 | 3.17 | ≤ 3.75 | ok |"
+    ) in md
+    assert (
+        "| μ̃ prediction, ‖μ̃ − μ̃_θ‖² | table2_mu_simple | linear | 1 | – | – | – | – | – |  "
+        "| seed 0: unstable, diverged (non-finite loss at step 123) |"
+    ) in md
+    assert "first 100 images of the test split" in md and "`abc123`" in md
+    assert not (sweep / "ablation.md").exists()  # --out was honoured
+
+    with (out / "ablation.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 7
+    first = {(r["Experiment"], r["Schedule"]): r for r in rows}[("table2_eps_simple", "linear")]
+    assert first[f"{FD} ↓"] == "2.33 ± 1.53" and first["n_ok"] == "3"
+    assert float(first["fd_mean"]) == pytest.approx(7 / 3, abs=1e-12)
+    assert float(first["fd_std"]) == pytest.approx((7 / 3) ** 0.5, abs=1e-12)
+    assert float(first["nll_bpd_std"]) == pytest.approx(0.1, abs=1e-12)
+    assert first["seeds_run"] == "0 1 2" and first["fd_key"] == FD
+    crashed = {(r["Experiment"], r["Schedule"]): r for r in rows}[
+        ("table2_eps_vlb_learned", "linear")
+    ]
+    assert crashed["n_crashed"] == "1" and crashed["fd_mean"] == ""
+
+
+def test_fid_50k_is_preferred_and_brings_its_is(tmp_path):
+    root = tmp_path / "sweep"
+    metrics = {"fid_10k_ddim100": 9.0, "fid_50k": 3.5, "is_50k": 9.25, "is_50k_std": 0.1}
+    _run(root, "0-a", EPS_SIMPLE, "linear", 0, metrics)
+    _run(root, "1-b", EPS_SIMPLE, "linear", 1, {**metrics, "fid_50k": 4.5, "is_50k": 9.75})
+    table = ablation.build_table([ablation.classify_run(p) for p in ablation.find_runs(root)])
+    assert (table.fd_key, table.is_key) == ("fid_50k", "is_50k")
+    row = _cells(table)[("table2_eps_simple", "linear")]
+    assert row["FID (fid_50k) ↓"] == "4.00 ± 0.71" and row["IS (is_50k)"] == "9.50 ± 0.35"
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert ablation.main([str(tmp_path / "missing")]) == 1
+    (tmp_path / "empty").mkdir()
+    assert ablation.main([str(tmp_path / "empty")]) == 1
+    assert "no runs" in capsys.readouterr().err
+
+
+def test_wandb_table_offline(sweep, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    table = ablation.build_table([ablation.classify_run(p) for p in ablation.find_runs(sweep)])
+    assert ablation.log_wandb(table, sweep) is True
+    assert list((sweep / "wandb").glob("offline-run-*"))
+    # The W&B directory is not mistaken for a run.
+    assert len(ablation.find_runs(sweep)) == 11
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_mini_sweep_end_to_end(tmp_path):
+    """The documented multirun over two Table 2 rows (tiny settings), then the table."""
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "DDPM_CACHE_DIR": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    sweep = tmp_path / "sweep"
+    train = subprocess.run(
+        [
+            sys.executable,
+            "src/train.py",
+            "-m",
+            "experiment=table2_eps_simple,table2_mu_vlb_learned",
+            "schedule=linear",
+            *TINY,
+            f"paths.log_dir={tmp_path / 'logs'}",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0-eps-fixed_large-simple-linear", "1-mu-learned-vlb-linear"]
+    table = subprocess.run(
+        [sys.executable, "-m", "ddpm.ablation", str(sweep)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert table.returncode == 0, table.stderr[-3000:]
+    md = (sweep / "ablation.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "prediction" in line]
+    assert len(rows) == 2
+    assert rows[0].startswith("| μ̃ prediction, L, learned diagonal Σ | table2_mu_vlb_learned")
+    assert rows[1].startswith("| ε prediction, ‖ε̃ − ε_θ‖² (L_simple) | table2_eps_simple")
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[2] == "linear" and cells[3] == "1"
+        # Finite NLL from the NLL callback (4 images in TINY); no sample-quality callback there.
+        assert cells[5] == "n/a" and re.fullmatch(r"\d+\.\d{3}", cells[6]), line
+    assert "python src/train.py -m experiment=table2_eps_simple,table2_mu_vlb_learned" in md
+    with (sweep / "ablation.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 2

@@ -1,0 +1,242 @@
+"""The speed benchmark (bench/bench.py) and the speed options of DiffusionLitModule.
+
+No timing is asserted: the machine is shared. What is asserted: the benchmark runs end to end and
+writes its reports; every option gives the default's loss and gradients within a stated
+tolerance; a training step and a sampling step make no host↔device synchronisation (and the
+detector used for that does see the synchronisations it is meant to see).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm.builders import build_module
+from ddpm.lit_module import DiffusionLitModule
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_PATH = ROOT / "bench" / "bench.py"
+IMAGE_SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """bench/bench.py imported as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("ddpm_bench", BENCH_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ddpm_bench"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("ddpm_bench", None)
+
+
+# --------------------------------------------------------------------------- end to end
+def test_benchmark_runs_end_to_end_on_tiny_in_quick_mode(bench, tmp_path):
+    options = ["default", "channels_last", "bf16_autocast", "fused_adam"]
+    argv = ["--device", "cpu", "--models", "tiny", "--quick", "--in-process"]
+    results = bench.main([*argv, "--options", *options, "--out", str(tmp_path)])
+
+    written = json.loads((tmp_path / "cpu.json").read_text())
+    assert written["device"] == "cpu" and set(written["models"]) == {"tiny"}
+    assert written["meta"]["quick"] is True and written["meta"]["loadavg_start"] is not None
+    tiny = results["models"]["tiny"]
+    assert tiny["image_shape"] == list(IMAGE_SHAPE)
+    assert set(tiny["options"]) == set(options)
+    assert "CUDA only" in tiny["options"]["fused_adam"]["skipped"]
+    for option in ("default", "channels_last", "bf16_autocast"):
+        entry = tiny["options"][option]
+        for loop in ("lightning", "bare"):
+            assert "error" not in entry[loop], entry[loop]
+            settings = tiny["settings"]
+            assert entry[loop]["step_s"]["n"] == settings["windows"] * settings["rounds"]
+            assert entry[loop]["images_per_s"] > 0 and entry[loop]["peak_memory_mib"] > 0
+        assert entry["overhead_ratio"] > 0 and 0 < entry["ema_percent_of_step"] < 100
+    for option in ("default", "channels_last"):
+        ev = tiny["options"][option]["eval"]
+        assert ev["ancestral"]["image_nfe_per_s"] > 0 and ev["ddim"]["image_nfe_per_s"] > 0
+        assert ev["bpd"]["image_terms_per_s"] > 0 and ev["bpd"]["full_bound_terms"] == 1000
+    assert "skipped" in tiny["options"]["bf16_autocast"]["eval"]
+    sync = tiny["sync_check"]
+    assert "error" not in sync, sync
+    report = (tmp_path / "cpu.md").read_text()
+    assert "## model=tiny" in report and "| default |" in report and "overhead" in report
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_phases_in_worker_processes(tmp_path):
+    """The command `make bench` runs: each phase in a fresh process (timeout-bounded)."""
+    command = [sys.executable, str(BENCH_PATH), "--device", "cpu", "--models", "tiny", "--quick"]
+    command += ["--options", "default", "--no-sync-check", "--out", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "overhead ratio Lightning ÷ bare loop" in proc.stdout
+    entry = json.loads((tmp_path / "cpu.json").read_text())["models"]["tiny"]["options"]
+    assert "error" not in entry["default"]["lightning"], entry["default"]["lightning"]
+    assert entry["default"]["eval"]["ddim"]["image_nfe_per_s"] > 0
+
+
+def test_settings_validate_and_skip_reasons(bench):
+    quick = bench.settings_for("cpu", "ddpm_cifar10", True, {"batch": 2})
+    assert quick["batch"] == 2 and quick["windows"] == 2
+    assert bench.settings_for("cpu", "ddpm_cifar10", False, {})["batch"] == 8
+    with pytest.raises(ValueError, match=">= 1"):
+        bench.settings_for("cpu", "small", False, {"windows": 0})
+    assert bench.option_skip_reason("fused_adam", "cpu") is not None
+    assert bench.option_skip_reason("channels_last", "cpu") is None
+    with pytest.raises(ValueError, match="unknown option"):
+        bench.option_overrides("fast")
+
+
+# --------------------------------------------------------------------------- synchronisations
+def test_sync_counter_sees_reads_copies_and_host_snapshots(bench):
+    counter = bench.host_sync_counter("cpu")
+    x = torch.randn(5)
+    with counter:
+        loss = x.square().mean()
+        float(loss)  # a read: synchronises on an accelerator
+        bool(loss > 0)
+        (x > 0).nonzero()  # data-dependent shape
+        snapshot = loss.detach().to("cpu", copy=True)  # one device→host copy ...
+        snapshot.clone().item()  # ... whose reads do not wait for the device
+        torch.tensor([1.0, 2.0])  # a tensor from Python data
+    events = counter.summary(steps=1)
+    assert events["per_step"]["device_to_host"] == 4  # float, bool, nonzero, the copy
+    assert events["per_step"]["host_tensor"] == 1
+    origins = {e["origin"].split(":")[0] for e in events["events"]}
+    assert origins == {"tests/test_bench.py"}
+
+
+def test_training_step_and_sampling_make_no_host_sync(bench):
+    """A non-logging training step (Lightning fit) and a sampling step: no device→host read.
+
+    The only reads left are Adam's per-parameter ``step`` counters (``torch.optim``), which
+    PyTorch keeps in host memory on accelerators (they are counted here because on the CPU a
+    host tensor cannot be told from a device tensor).
+    """
+    spec = {
+        "model": "tiny",
+        "device": "cpu",
+        "image_shape": list(IMAGE_SHAPE),
+        "settings": bench.settings_for("cpu", "tiny", True, {}),
+        "seed": 0,
+        "option": "default",
+        "phase": "sync_check",
+    }
+    result = bench.run_phase_here(spec)
+    assert "error" not in result, result.get("traceback")
+    train = result["train"]
+    by_origin = train["device_to_host_per_step_by_origin"]
+    assert {k: v for k, v in by_origin.items() if k != "torch.optim"} == {}, train["events"]
+    assert train["per_step"].get("host_to_device", 0) == 0
+    assert train["per_step"].get("host_tensor", 0) == 0
+    for name in ("sample_ancestral", "sample_ddim"):
+        assert result[name]["per_step"] == {}, result[name]["events"]
+
+
+def test_sync_check_catches_a_per_step_item(bench, monkeypatch):
+    """The check can fail: a `.item()` added to the training step is reported with its line."""
+    original = DiffusionLitModule.training_step
+
+    def training_step_with_item(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        self.seen_loss = loss.item()
+        return loss
+
+    monkeypatch.setattr(DiffusionLitModule, "training_step", training_step_with_item)
+    spec = {
+        "model": "tiny",
+        "device": "cpu",
+        "image_shape": list(IMAGE_SHAPE),
+        "settings": bench.settings_for("cpu", "tiny", True, {}),
+        "seed": 0,
+        "option": "default",
+        "phase": "sync_check",
+    }
+    result = bench.run_phase_here(spec)
+    assert "error" not in result, result.get("traceback")
+    events = [e for e in result["train"]["events"] if "training_step_with_item" in e["origin"]]
+    assert len(events) == 1 and events[0]["count"] == bench.SYNC_CHECK_STEPS
+
+
+# --------------------------------------------------------------------------- option numerics
+def _module(compose_cfg, option: str | None) -> DiffusionLitModule:
+    overrides = [f"module.{option}=true"] if option else []
+    cfg = compose_cfg(*overrides, "schedule.num_timesteps=1000")
+    torch.manual_seed(0)
+    return build_module(cfg, IMAGE_SHAPE)
+
+
+def _loss_and_grad(module: DiffusionLitModule, x0, t, noise) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step's loss (through ``module.forward``) and the flattened gradient."""
+    module.net.zero_grad(set_to_none=True)
+    loss = module.diffusion.training_losses(module, x0, t, noise)["loss"].mean()
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in module.net.parameters()])
+    return loss.detach(), grad
+
+
+def _compare_with_default(compose_cfg, option: str) -> tuple[float, float, DiffusionLitModule]:
+    """Relative |Δloss| and ‖Δgrad‖/‖grad‖ of ``option`` against the default, same batch/t/noise.
+
+    The weights are perturbed first: the UNet's last convolution is zero-initialised, so at
+    initialisation every option would output exactly zero and the comparison would be vacuous.
+    """
+    reference = _module(compose_cfg, None)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in reference.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    candidate = _module(compose_cfg, option)
+    candidate.load_state_dict(reference.state_dict())
+    x0 = torch.randint(0, 256, (8, *IMAGE_SHAPE), generator=generator).float() / 127.5 - 1
+    t = torch.randint(0, 1000, (8,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    ref_loss, ref_grad = _loss_and_grad(reference, x0, t, noise)
+    loss, grad = _loss_and_grad(candidate, x0, t, noise)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    rel_loss = ((loss - ref_loss).abs() / ref_loss.abs()).item()
+    rel_grad = ((grad - ref_grad).norm() / ref_grad.norm()).item()
+    return rel_loss, rel_grad, candidate
+
+
+def test_channels_last_gives_the_default_loss(compose_cfg):
+    rel_loss, rel_grad, module = _compare_with_default(compose_cfg, "channels_last")
+    assert module.net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert rel_loss < 1e-5  # float32, another summation order inside the convolutions
+    assert rel_grad < 1e-4
+
+
+def test_bf16_autocast_gives_the_default_loss_within_bf16_precision(compose_cfg):
+    rel_loss, rel_grad, module = _compare_with_default(compose_cfg, "bf16_autocast")
+    assert rel_loss < 2e-2  # bfloat16 has an 8-bit mantissa (relative precision ~4e-3)
+    assert rel_grad < 5e-2
+    assert rel_loss > 0 or rel_grad > 0  # autocast really ran: bf16 is not bit-identical
+    x = torch.zeros(2, *IMAGE_SHAPE)
+    assert module(x, torch.tensor([0, 1])).dtype == torch.float32  # losses stay float32
+
+
+@pytest.mark.slow
+def test_compile_gives_the_default_loss(compose_cfg):
+    try:
+        rel_loss, rel_grad, module = _compare_with_default(compose_cfg, "compile")
+    except Exception as err:  # no C++ compiler or an unsupported platform
+        pytest.skip(f"torch.compile does not work on this machine: {type(err).__name__}: {err}")
+    assert not any(k.startswith("_compiled_net") for k in module.state_dict())
+    assert rel_loss < 1e-5  # float32; inductor fuses and reorders elementwise ops
+    assert rel_grad < 1e-4
+
+
+def test_checkpoints_with_compiled_net_keys_still_load(compose_cfg):
+    """State dicts written while the compiled wrapper was a registered submodule still load."""
+    module = _module(compose_cfg, None)
+    state = module.state_dict()
+    state.update({f"_compiled_net._orig_mod.{k}": v for k, v in module.net.state_dict().items()})
+    fresh = _module(compose_cfg, None)
+    fresh.load_state_dict(state)  # strict: no unexpected keys
+    assert torch.equal(fresh.net.conv_in.weight, module.net.conv_in.weight)
