@@ -1022,6 +1022,7 @@ def benchmark_model(
                 "evaluation use ema_net eagerly in float32 (same as default)"
             }
         result["options"][option] = entry
+    result["options"] = {option: result["options"][option] for option in options}
     if sync_check:
         echo(f"[{model}] host↔device synchronisation check")
         result["sync_check"] = run({**base, "option": "default", "phase": "sync_check"})
@@ -1135,7 +1136,14 @@ def markdown_report(results: dict[str, Any]) -> str:
                 )
         sync = res.get("sync_check")
         if sync:
-            lines += ["", "Host↔device synchronisations (default options):", ""]
+            lines += [
+                "",
+                "Host↔device synchronisations (default options; every device→host read, with "
+                "the source line behind it). `torch.optim` reads are Adam's per-parameter `step` "
+                "counters, which PyTorch keeps in host memory on accelerators (no device wait); "
+                "on the CPU they cannot be told from device reads, so they are listed.",
+                "",
+            ]
             if "error" in sync:
                 lines.append(f"- failed: {sync['error']}")
             else:

@@ -35,13 +35,18 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = [
     "DEFAULT_MAX_OUT_OF_RANGE",
     "OBJECTIVES",
+    "Cell",
     "Objective",
     "RunRecord",
+    "Table",
     "TableRow",
     "build_table",
     "classify_run",
+    "csv_rows",
     "find_runs",
+    "log_wandb",
     "main",
+    "render_markdown",
     "write_table",
 ]
 
@@ -156,8 +161,14 @@ def find_runs(sweep_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"sweep directory {str(root)!r} does not exist")
     runs: list[Path] = []
-    for current, dirs, _files in os.walk(root):
+    seen: set[str] = set()  # symlinked directories are followed, each real directory once
+    for current, dirs, _files in os.walk(root, followlinks=True):
         path = Path(current)
+        real = os.path.realpath(path)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         if _is_run_dir(path):
             runs.append(path)
             dirs[:] = []
@@ -254,7 +265,7 @@ def _instability(metrics: Mapping[str, Any], max_out_of_range: float) -> str:
         return "non-finite bound (nll_bpd)"
     fraction = metrics.get("samples_out_of_range_fraction")
     if _finite(fraction) and fraction > max_out_of_range:
-        return f"samples out of range ({fraction:.1%} of pixels > {max_out_of_range:.0%})"
+        return f"samples out of range ({fraction:.1%} of pixels, limit {max_out_of_range:.0%})"
     return ""
 
 
@@ -379,8 +390,9 @@ def build_table(
 
     Args:
         runs: from :func:`classify_run`.
-        fd_key: the sample-quality metric (e.g. ``fid_50k``, ``fd_digits_1k_ddpm100``); None
-            chooses it from the runs (``fid_50k`` if present, else the most common key).
+        fd_key: the sample-quality metric (e.g. ``fid_50k``, ``fd_digits_400``); None chooses it
+            from the runs (``fid_50k`` if present, else the most common key).
+        max_out_of_range: the limit the runs were classified with (quoted in the notes).
     """
     auto_fd, auto_is = _sample_quality_keys(runs)
     if fd_key is None:
@@ -556,6 +568,26 @@ def _commands(sweep_dir: Path) -> list[str]:
     return commands
 
 
+_UNSTABLE_KEYS = (
+    "FID column",
+    "nll_bpd",
+    "samples_out_of_range_fraction",
+    "final_train_loss",
+    "diverged_at_step",
+)
+
+
+def _raw_value(metrics: Mapping[str, Any], key: str, fd_key: str | None) -> str:
+    if key == "FID column":
+        key = fd_key or ""
+    value = metrics.get(key)
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
     """The table and its notes as a markdown document."""
     headers = _headers(table)
@@ -610,6 +642,21 @@ def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
         commands = _commands(Path(sweep_dir))
         if commands:
             lines += ["", "Commands:", "", "```", *commands, "```"]
+    unstable = [r for r in table.runs if r.status == "unstable" and r.metrics]
+    if unstable:
+        lines += [
+            "",
+            "Measured values of the unstable runs (shown as `–` above):",
+            "",
+            "| Run | Seed | "
+            + " | ".join(table.fd_key or "FID" if k == "FID column" else k for k in _UNSTABLE_KEYS)
+            + " |",
+            "|" + "---|" * (len(_UNSTABLE_KEYS) + 2),
+        ]
+        for run in sorted(unstable, key=lambda r: str(r.path)):
+            values = [_raw_value(run.metrics, key, table.fd_key) for key in _UNSTABLE_KEYS]
+            name = run.metrics.get("run_name") or run.path.name
+            lines.append(f"| {name} | {run.seed} | " + " | ".join(values) + " |")
     if table.unclassified:
         lines += ["", "Runs that could not be assigned to a row (no objective or schedule):", ""]
         lines += [f"- `{r.path}`: {r.status} {r.reason}".rstrip() for r in table.unclassified]
