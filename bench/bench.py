@@ -519,8 +519,13 @@ def phase_train_lightning(spec: dict[str, Any]) -> dict[str, Any]:
             self.stamps: list[float] = []
             self.first_start = 0.0
             self.first_step_s = math.nan
+            self.last_end: float | None = None
+            self.between: list[float] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            now = time.perf_counter()
+            if self.last_end is not None and self.count >= s["warmup"]:
+                self.between.append(now - self.last_end)
             if self.count == 0:
                 synchronize(device)
                 self.first_start = time.perf_counter()
@@ -534,6 +539,7 @@ def phase_train_lightning(spec: dict[str, Any]) -> dict[str, Any]:
                     self.first_step_s = now - self.first_start
                 if self.count in boundaries:
                     self.stamps.append(now)
+            self.last_end = time.perf_counter()
 
     timer = WindowTimer()
     trainer = pl.Trainer(
@@ -566,6 +572,7 @@ def phase_train_lightning(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"the fit ran {timer.count} steps, expected {total_steps}")
     return {
         "step_s_windows": _window_seconds(timer.stamps, s["window"]),
+        "between_batches_s": timer.between,
         "first_step_s": timer.first_step_s,
         "fit_s": fit_s,
         "steps": total_steps,
@@ -664,13 +671,18 @@ def phase_train_bare(spec: dict[str, Any]) -> dict[str, Any]:
 
     reset_peak_memory(device)
     stamps: list[float] = []
+    between: list[float] = []
     first_step_s = math.nan
     iterator = batches()
     for count in range(1, total_steps + 1):
         if count == 1:
             synchronize(device)
             first_start = time.perf_counter()
-        train_step(next(iterator))
+        fetch_start = time.perf_counter()
+        batch = next(iterator)
+        if count > s["warmup"]:
+            between.append(time.perf_counter() - fetch_start)
+        train_step(batch)
         if count == 1 or count in boundaries:
             synchronize(device)
             now = time.perf_counter()
@@ -689,6 +701,7 @@ def phase_train_bare(spec: dict[str, Any]) -> dict[str, Any]:
         ema_times.append(time.perf_counter() - start)
     return {
         "step_s_windows": _window_seconds(stamps, s["window"]),
+        "between_batches_s": between,
         "first_step_s": first_step_s,
         "steps": total_steps,
         "ema_update_s": ema_times,
@@ -887,9 +900,11 @@ def _train_summary(runs: list[dict[str, Any]], batch: int) -> dict[str, Any]:
         return {"error": errors[0], "runs": runs}
     windows = [w for r in runs for w in r["step_s_windows"]]
     stats = median_and_spread(windows)
+    between = [x for r in runs for x in r.get("between_batches_s", [])]
     return {
         "step_s": stats,
         "images_per_s": batch / stats["median"],
+        "between_batches_ms": 1000 * statistics.median(between) if between else math.nan,
         "first_step_s": [r["first_step_s"] for r in runs],
         "peak_memory_mib": max(r["peak_memory_mib"] for r in runs),
         "peak_memory_kind": runs[0]["peak_memory_kind"],
@@ -984,7 +999,7 @@ def benchmark_model(
             for which in order:
                 echo(f"[{model}] {option}: {which} training, round {round_index + 1}")
                 phase = "train_bare" if which == "bare" else "train_lightning"
-                out = run({**base, "option": option, "phase": phase})
+                out = run({**base, "option": option, "phase": phase, "round": round_index})
                 runs[option][which].append(out)
                 if "error" in out:
                     echo(f"[{model}] {option}: failed: {out['error']}")
@@ -1004,6 +1019,14 @@ def benchmark_model(
                 statistics.median(lr["step_s_windows"]) / statistics.median(br["step_s_windows"])
                 for lr, br in zip(lightning_runs, bare_runs)
             ]
+            # Host time between one batch's end and the next one's start: the data fetch in
+            # both loops, plus Lightning's per-step bookkeeping. Small and far less noisy than
+            # the step time, so it bounds the overhead from below when the load is high.
+            extra_ms = light["between_batches_ms"] - bare["between_batches_ms"]
+            entry["between_batches_extra_ms"] = extra_ms
+            entry["between_batches_extra_percent"] = (
+                100.0 * extra_ms / (1000.0 * bare["step_s"]["median"])
+            )
             ema_s = statistics.median([t for r in bare_runs for t in r["ema_update_s"]])
             entry["ema_update_s"] = ema_s
             entry["ema_percent_of_step"] = 100.0 * ema_s / bare["step_s"]["median"]
@@ -1054,10 +1077,18 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"- Load at start: `{meta['uptime_start']}`",
         f"- Load at end: `{meta['uptime_end']}`",
         f"- Mode: {'quick (smoke test; numbers are not meaningful)' if meta['quick'] else 'full'}"
-        f"; phases {'in one process' if meta['in_process'] else 'each in a fresh process'}",
+        f"; phases {'in one process' if meta['in_process'] else 'each in a fresh process'}"
+        + (
+            f"; {meta['resumed_phases']} phases reused from an interrupted run (--resume)"
+            if meta.get("resumed_phases")
+            else ""
+        ),
         "",
         "Training: median seconds per step over timed windows after warm-up (all rounds pooled); "
         "images/s = batch ÷ median step. Overhead = Lightning step ÷ bare-loop step (1.00 = none). "
+        "Between-batch host ms: median host time from the end of one step to the start of the "
+        "next (the data fetch in both loops, plus Lightning's per-step bookkeeping); its excess "
+        "over the bare loop, as % of a step, is a low-noise measure of Lightning's loop overhead. "
         "EMA % = one EMA update ÷ bare-loop step. Sampling: image·NFE/s = batch × network "
         "evaluations ÷ chain time (a full T-step ancestral chain yields that ÷ T images/s). "
         "Bits/dim: image·term/s of the bound (the full bound has T terms per image). "
@@ -1083,20 +1114,21 @@ def markdown_report(results: dict[str, Any]) -> str:
             f"{s['sample_steps']} NFE × {s['sample_repeats']}; bits/dim over {s['bpd_terms']} "
             f"terms × {s['bpd_repeats']}.",
             "",
-            "| option | Lightning img/s | bare img/s | overhead L÷bare (per round) | spread (IQR/median L, bare) "
+            "| option | Lightning img/s | bare img/s | overhead L÷bare (per round) "
+            "| step spread IQR/median (L, bare) | between-batch host ms L / bare (extra % of step) "
             "| vs default | EMA % of step | first step s (L) | train peak MiB (L / bare) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         default = res["options"].get("default", {})
         default_ips = default.get("lightning", {}).get("images_per_s")
         for option, entry in res["options"].items():
             if "skipped" in entry:
-                lines.append(f"| {option} | skipped: {entry['skipped']} ||||||||")
+                lines.append(f"| {option} | skipped: {entry['skipped']} |||||||||")
                 continue
             light, bare = entry["lightning"], entry["bare"]
             if "error" in light or "error" in bare:
                 err = light.get("error") or bare.get("error")
-                lines.append(f"| {option} | failed: {str(err).splitlines()[0][:150]} ||||||||")
+                lines.append(f"| {option} | failed: {str(err).splitlines()[0][:150]} |||||||||")
                 continue
             for r in light["runs"]:
                 params = params or r.get("num_parameters")
@@ -1106,6 +1138,8 @@ def markdown_report(results: dict[str, Any]) -> str:
                 f"| {option} | {_fmt(light['images_per_s'])} | {_fmt(bare['images_per_s'])} "
                 f"| {_fmt(entry['overhead_ratio'], 3)} ({per_round}) "
                 f"| {_fmt(light['step_s']['iqr_rel'])}, {_fmt(bare['step_s']['iqr_rel'])} "
+                f"| {_fmt(light['between_batches_ms'])} / {_fmt(bare['between_batches_ms'])} "
+                f"({_fmt(entry['between_batches_extra_percent'], 3)}) "
                 f"| ×{_fmt(speedup)} | {_fmt(entry['ema_percent_of_step'])} "
                 f"| {', '.join(_fmt(x, 1) for x in light['first_step_s'])} "
                 f"| {_fmt(light['peak_memory_mib'], 0)} / {_fmt(bare['peak_memory_mib'], 0)} |"
@@ -1254,6 +1288,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--in-process", action="store_true", help="run phases in this process")
     parser.add_argument("--no-sync-check", action="store_true")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the phases an interrupted run with the same arguments already finished",
+    )
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds per phase")
     parser.add_argument(
         "--max-load",
@@ -1292,11 +1331,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def echo(message: str) -> None:
         print(f"[{datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = device.replace(":", "")
+    # Every finished phase is appended here, so an interrupted run can continue (--resume).
+    journal = out / f".{name}.phases.jsonl"
+    done: dict[str, dict[str, Any]] = {}
+    if args.resume and journal.exists():
+        for line in journal.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError, KeyError):
+                record = json.loads(line)
+                done[record["key"]] = record["result"]
+        echo(f"resuming: {len(done)} finished phases in {journal}")
+    elif journal.exists():
+        journal.unlink()
+
     def run(spec: dict[str, Any]) -> dict[str, Any]:
+        key = json.dumps({k: spec.get(k) for k in sorted(spec) if k != "tmp_dir"}, sort_keys=True)
+        if key in done:
+            echo("  (result taken from the journal)")
+            return done[key]
         wait_for_load(args.max_load, args.max_wait, echo)
         if args.in_process:
-            return run_phase_here(spec)
-        return run_phase_subprocess(spec, args.timeout)
+            result = run_phase_here(spec)
+        else:
+            result = run_phase_subprocess(spec, args.timeout)
+        if "error" not in result:
+            with journal.open("a") as f:
+                f.write(json.dumps({"key": key, "result": result}) + "\n")
+        return result
 
     commit, dirty = _git_state()
     results: dict[str, Any] = {
@@ -1308,6 +1371,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ),
             "quick": args.quick,
             "in_process": args.in_process,
+            "resumed_phases": len(done),
             "uptime_start": uptime_text(),
             "loadavg_start": loadavg(),
             "cpu": _cpu_name(),
@@ -1362,9 +1426,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results["meta"]["uptime_end"] = uptime_text()
     results["meta"]["loadavg_end"] = loadavg()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = device.replace(":", "")
     (out / f"{name}.json").write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
     report = markdown_report(results)
     (out / f"{name}.md").write_text(report)
@@ -1373,6 +1434,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         entry = res.get("options", {}).get("default", {})
         if "overhead_ratio" in entry:
             print(f"{model}: overhead ratio Lightning ÷ bare loop = {entry['overhead_ratio']:.3f}")
+    journal.unlink(missing_ok=True)
     echo(f"wrote {out / f'{name}.json'} and {out / f'{name}.md'}")
     return results
 
