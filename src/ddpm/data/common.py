@@ -1,0 +1,138 @@
+"""Pieces shared by the datamodules: uint8 → [-1, 1] scaling, an in-memory dataset, a base class.
+
+Every dataset of this package yields a single float32 tensor ``[C, H, W]`` (no label) whose
+values lie on the 256-level grid ``u8 / 127.5 - 1`` for some uint8 image ``u8``; so
+``(x * 127.5 + 127.5).round().to(torch.uint8)`` recovers the original bytes exactly. Batches are
+therefore ``[B, C, H, W]`` float32 in ``[-1, 1]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .resumable import ResumableDataLoader, ShardedSampler
+
+__all__ = ["ImageDataModuleBase", "UInt8ImageDataset", "uint8_to_unit_range"]
+
+
+def uint8_to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Map uint8 pixel values ``0..255`` to float32 ``[-1, 1]`` by ``u8 / 127.5 - 1``.
+
+    Args:
+        images: uint8 tensor of any shape (typically ``[C, H, W]`` or ``[N, C, H, W]``).
+
+    Returns:
+        float32 tensor of the same shape, values in ``{k / 127.5 - 1 : k = 0..255}``.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected a uint8 tensor, got dtype {images.dtype}")
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+class UInt8ImageDataset(Dataset):
+    """In-memory image dataset: stores uint8 ``[N, C, H, W]``, yields float32 ``[C, H, W]``.
+
+    Args:
+        images: uint8 tensor ``[N, C, H, W]`` (kept as is; 1 byte per value in memory).
+        random_flip: flip each returned image left–right with probability 1/2 (drawn from the
+            global torch RNG, which the DataLoader seeds per worker).
+        repeats: the dataset pretends to be ``repeats`` concatenated copies of ``images``
+            (``len == repeats * N``) so that an "epoch" of a tiny dataset is not a handful of steps.
+    """
+
+    def __init__(self, images: torch.Tensor, random_flip: bool = False, repeats: int = 1) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(
+                f"images must be uint8 [N, C, H, W], got dtype {images.dtype} and shape "
+                f"{tuple(images.shape)}"
+            )
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        self.images = images
+        self.random_flip = bool(random_flip)
+        self.repeats = int(repeats)
+
+    @property
+    def num_images(self) -> int:
+        """Number of distinct images ``N`` (without repeats)."""
+        return int(self.images.shape[0])
+
+    def __len__(self) -> int:
+        return self.num_images * self.repeats
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for dataset of length {len(self)}")
+        x = uint8_to_unit_range(self.images[index % self.num_images])
+        if self.random_flip and bool(torch.rand(()) < 0.5):
+            x = x.flip(-1)
+        return x
+
+
+class ImageDataModuleBase(L.LightningDataModule):
+    """Dataloader plumbing shared by all datamodules of this package.
+
+    Subclasses set ``self.image_shape`` and fill ``self.train_set`` / ``self.val_set`` /
+    ``self.test_set`` in ``setup``. Loaders use :class:`~ddpm.data.resumable.ShardedSampler`,
+    which shards across DDP ranks itself (the trainer configs set ``use_distributed_sampler:
+    false``) and lets a resumed run continue mid-epoch with exactly the same batches.
+
+    Args:
+        batch_size: **per-device** batch size (images per process per step). The global batch is
+            ``batch_size × world_size × accumulate_grad_batches``; the paper's 128 on 4 GPUs is
+            ``batch_size=32``.
+        num_workers: DataLoader worker processes per device; workers persist across epochs
+            when > 0.
+        pin_memory: pin host memory of batches (useful with CUDA only).
+    """
+
+    image_shape: tuple[int, int, int]
+
+    def __init__(
+        self, batch_size: int, num_workers: int, pin_memory: bool, seed: int = 0
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.seed = int(seed)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, name: str, train: bool) -> DataLoader:
+        if dataset is None:
+            stage = "fit" if train else ("test" if name == "test" else "validate")
+            raise RuntimeError(
+                f"{type(self).__name__}.{name}_dataloader() called before setup(); call "
+                f"setup({stage!r}) first (the Lightning Trainer does this for you)"
+            )
+        kwargs: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+            "drop_last": train,
+        }
+        sampler = ShardedSampler(len(dataset), shuffle=train, seed=self.seed, equal_shares=train)
+        return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, ``drop_last=True`` loader over the training set (with flips if enabled)."""
+        return self._loader(self.train_set, "train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Ordered loader over the held-out split (no flips, last partial batch kept)."""
+        return self._loader(self.val_set, "val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Ordered loader over the held-out split (no flips, last partial batch kept)."""
+        return self._loader(self.test_set, "test", train=False)
