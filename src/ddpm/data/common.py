@@ -92,9 +92,7 @@ class ImageDataModuleBase(L.LightningDataModule):
 
     image_shape: tuple[int, int, int]
 
-    def __init__(
-        self, batch_size: int, num_workers: int, pin_memory: bool, seed: int = 0
-    ) -> None:
+    def __init__(self, batch_size: int, num_workers: int, pin_memory: bool, seed: int = 0) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
