@@ -74,7 +74,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, int]] = {
         warmup=2,
         window=2,
         windows=5,
-        rounds=2,
+        rounds=3,
         sample_steps=4,
         sample_repeats=3,
         bpd_terms=4,
@@ -86,7 +86,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, int]] = {
         warmup=10,
         window=20,
         windows=7,
-        rounds=2,
+        rounds=3,
         sample_steps=20,
         sample_repeats=5,
         bpd_terms=20,
@@ -98,7 +98,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, int]] = {
         warmup=20,
         window=20,
         windows=7,
-        rounds=2,
+        rounds=3,
         sample_steps=20,
         sample_repeats=5,
         bpd_terms=20,
@@ -110,7 +110,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, int]] = {
         warmup=20,
         window=50,
         windows=7,
-        rounds=2,
+        rounds=3,
         sample_steps=50,
         sample_repeats=5,
         bpd_terms=50,
@@ -762,6 +762,29 @@ def phase_eval(spec: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def mark_host_step_counters(optimizers: Sequence[Any], counter: Any) -> int:
+    """Mark the optimisers' ``step`` counters that live in host memory on every device.
+
+    Unless an optimiser is ``capturable`` or ``fused``, torch.optim keeps each parameter's
+    ``state["step"]`` as a CPU tensor even when the parameters are on an accelerator, so reading
+    it (Adam's single-tensor path calls ``.item()`` on it) does not wait for the device. On the
+    CPU such a tensor cannot be told from a device tensor, so it is marked explicitly, the same
+    way as an explicit host snapshot. Returns the number of tensors marked.
+    """
+    torch = _torch()
+    marked = 0
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            if group.get("capturable") or group.get("fused"):
+                continue
+            for param in group["params"]:
+                step = optimizer.state.get(param, {}).get("step")
+                if isinstance(step, torch.Tensor) and step.device.type == "cpu":
+                    counter.host_copies[step] = True
+                    marked += 1
+    return marked
+
+
 def phase_sync_check(spec: dict[str, Any]) -> dict[str, Any]:
     """Host↔device synchronisations per training step (Lightning fit) and per sampling step.
 
@@ -800,6 +823,7 @@ def phase_sync_check(spec: dict[str, Any]) -> dict[str, Any]:
                 counter.__enter__()
                 self.active = True
             elif self.started == log_every + 1:
+                mark_host_step_counters(trainer.optimizers, counter)
                 counter.counting = True
             elif self.started == log_every + 1 + counted and self.active:
                 counter.__exit__(None, None, None)
@@ -1014,11 +1038,14 @@ def benchmark_model(
         }
         light, bare = entry["lightning"], entry["bare"]
         if "error" not in light and "error" not in bare:
-            entry["overhead_ratio"] = light["step_s"]["median"] / bare["step_s"]["median"]
+            # Each round compares two runs made back to back, so the median over rounds of the
+            # per-round ratios is robust to a change of load (or an odd process) in one round.
             entry["overhead_ratio_per_round"] = [
                 statistics.median(lr["step_s_windows"]) / statistics.median(br["step_s_windows"])
                 for lr, br in zip(lightning_runs, bare_runs)
             ]
+            entry["overhead_ratio"] = statistics.median(entry["overhead_ratio_per_round"])
+            entry["overhead_ratio_pooled"] = light["step_s"]["median"] / bare["step_s"]["median"]
             # Host time between one batch's end and the next one's start: the data fetch in
             # both loops, plus Lightning's per-step bookkeeping. Small and far less noisy than
             # the step time, so it bounds the overhead from below when the load is high.
@@ -1049,6 +1076,61 @@ def benchmark_model(
     if sync_check:
         echo(f"[{model}] host↔device synchronisation check")
         result["sync_check"] = run({**base, "option": "default", "phase": "sync_check"})
+    return result
+
+
+def benchmark_fixed_cost(
+    device: str,
+    run: Callable[[dict[str, Any]], dict[str, Any]],
+    quick: bool,
+    rounds: int,
+    seed: int = 0,
+    threads: int | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Lightning's fixed cost per training step, measured where a step is almost all overhead.
+
+    ``model=tiny`` at batch 1: Lightning's step time minus the bare loop's (median of the
+    per-round differences) is the time Lightning adds per step whatever the network; divided by
+    a model's step time it bounds that model's overhead with far less noise than the ratio of two
+    long, load-sensitive step times.
+    """
+    overrides = {"batch": 1, "rounds": rounds}
+    if not quick:
+        overrides.update(warmup=20, window=50, windows=5)
+    settings = settings_for(device, "tiny", quick, overrides)
+    spec = {
+        "model": "tiny",
+        "device": device,
+        "image_shape": list(MODEL_SHAPES["tiny"]),
+        "settings": settings,
+        "overrides": [],
+        "seed": seed,
+        "threads": threads,
+        "option": "default",
+    }
+    light, bare = [], []
+    for round_index in range(rounds):
+        order = ("bare", "lightning") if round_index % 2 == 0 else ("lightning", "bare")
+        for which in order:
+            echo(f"[fixed cost] model=tiny batch 1: {which} training, round {round_index + 1}")
+            phase = "train_bare" if which == "bare" else "train_lightning"
+            out = run({**spec, "phase": phase, "round": round_index})
+            if "error" in out:
+                return {"error": out["error"]}
+            step_ms = 1000.0 * statistics.median(out["step_s_windows"])
+            (bare if which == "bare" else light).append(step_ms)
+    per_round = [lm - bm for lm, bm in zip(light, bare)]
+    result = {
+        "model": "tiny",
+        "batch": 1,
+        "settings": settings,
+        "lightning_step_ms": light,
+        "bare_step_ms": bare,
+        "fixed_cost_ms_per_round": per_round,
+        "fixed_cost_ms": statistics.median(per_round),
+    }
+    echo(f"[fixed cost] Lightning adds {result['fixed_cost_ms']:.2f} ms per training step")
     return result
 
 
@@ -1085,7 +1167,8 @@ def markdown_report(results: dict[str, Any]) -> str:
         ),
         "",
         "Training: median seconds per step over timed windows after warm-up (all rounds pooled); "
-        "images/s = batch ÷ median step. Overhead = Lightning step ÷ bare-loop step (1.00 = none). "
+        "images/s = batch ÷ median step. Overhead = Lightning step ÷ bare-loop step (1.00 = none), "
+        "the median over rounds of the ratio within each round (two runs back to back). "
         "Between-batch host ms: median host time from the end of one step to the start of the "
         "next (the data fetch in both loops, plus Lightning's per-step bookkeeping); its excess "
         "over the bare loop, as % of a step, is a low-noise measure of Lightning's loop overhead. "
@@ -1146,6 +1229,16 @@ def markdown_report(results: dict[str, Any]) -> str:
             )
         if params:
             lines += ["", f"Parameters: {params:,}."]
+        fixed = results.get("fixed_cost") or {}
+        default_entry = res["options"].get("default", {})
+        if "fixed_cost_percent_of_step" in default_entry:
+            lines += [
+                "",
+                f"Lightning's fixed cost per step ({_fmt(fixed['fixed_cost_ms'])} ms, measured "
+                "with model=tiny at batch 1, below) is "
+                f"{_fmt(default_entry['fixed_cost_percent_of_step'], 3)}% of this model's "
+                "bare-loop step.",
+            ]
         lines += [
             "",
             "| option | ancestral image·NFE/s | DDIM image·NFE/s | bits/dim image·term/s "
@@ -1183,6 +1276,23 @@ def markdown_report(results: dict[str, Any]) -> str:
             else:
                 lines += sync_check_lines(sync)
         lines.append("")
+    fixed = results.get("fixed_cost")
+    if fixed:
+        lines += ["## Lightning's fixed cost per training step", ""]
+        if "error" in fixed:
+            lines.append(f"Failed: {fixed['error']}")
+        else:
+            lines += [
+                "model=tiny at batch 1, where a step is almost all loop overhead; median over "
+                "rounds of (Lightning step − bare-loop step), each round two runs back to back.",
+                "",
+                f"- Lightning step ms per round: "
+                f"{', '.join(_fmt(x) for x in fixed['lightning_step_ms'])}",
+                f"- bare-loop step ms per round: {', '.join(_fmt(x) for x in fixed['bare_step_ms'])}",
+                f"- **fixed cost: {_fmt(fixed['fixed_cost_ms'])} ms per step** (per round: "
+                f"{', '.join(_fmt(x) for x in fixed['fixed_cost_ms_per_round'])})",
+                "",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -1288,6 +1398,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--in-process", action="store_true", help="run phases in this process")
     parser.add_argument("--no-sync-check", action="store_true")
+    parser.add_argument(
+        "--no-fixed-cost",
+        action="store_true",
+        help="skip measuring Lightning's fixed cost per step (model=tiny, batch 1)",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -1422,6 +1537,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         except ValueError as err:
             results["models"][model] = {"error": str(err)}
             echo(f"[{model}] {err}")
+    if not args.no_fixed_cost:
+        rounds = args.rounds or (_QUICK["rounds"] if args.quick else 3)
+        fixed = benchmark_fixed_cost(
+            device, run, args.quick, rounds, seed=args.seed, threads=args.threads, echo=echo
+        )
+        results["fixed_cost"] = fixed
+        for res in results["models"].values():
+            entry = res.get("options", {}).get("default", {})
+            if "error" not in fixed and "bare" in entry and "step_s" in entry["bare"]:
+                step_ms = 1000.0 * entry["bare"]["step_s"]["median"]
+                entry["fixed_cost_percent_of_step"] = 100.0 * fixed["fixed_cost_ms"] / step_ms
     results["meta"]["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     results["meta"]["uptime_end"] = uptime_text()
     results["meta"]["loadavg_end"] = loadavg()
