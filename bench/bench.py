@@ -1266,9 +1266,9 @@ def markdown_report(results: dict[str, Any]) -> str:
             lines += [
                 "",
                 "Host↔device synchronisations (default options; every device→host read, with "
-                "the source line behind it). `torch.optim` reads are Adam's per-parameter `step` "
-                "counters, which PyTorch keeps in host memory on accelerators (no device wait); "
-                "on the CPU they cannot be told from device reads, so they are listed.",
+                "the source line behind it). Adam's per-parameter `step` counters are not "
+                "counted: unless the optimiser is capturable or fused, PyTorch keeps them in host "
+                "memory on every device, so reading them does not wait for the device.",
                 "",
             ]
             if "error" in sync:
