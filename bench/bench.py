@@ -581,29 +581,6 @@ def phase_train_lightning(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class BareForward:
-    """The training forward of ``DiffusionLitModule`` with the same options, without Lightning.
-
-    ``channels_last`` converts the input, ``bf16_autocast`` runs the network under bfloat16
-    autocast and returns float32, ``compile`` runs ``torch.compile(net)``.
-    """
-
-    def __init__(self, net: Any, channels_last: bool, bf16_autocast: bool, compile: bool) -> None:
-        torch = _torch()
-        self.net = torch.compile(net) if compile else net
-        self.channels_last = channels_last
-        self.bf16_autocast = bf16_autocast
-
-    def __call__(self, x_t: Any, t: Any) -> Any:
-        torch = _torch()
-        if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        if self.bf16_autocast:
-            with torch.autocast(device_type=x_t.device.type, dtype=torch.bfloat16):
-                return self.net(x_t, t).float()
-        return self.net(x_t, t)
-
-
 def phase_train_bare(spec: dict[str, Any]) -> dict[str, Any]:
     """The same training step in a plain PyTorch loop, plus the EMA update's own cost."""
     torch = _torch()
@@ -612,6 +589,7 @@ def phase_train_bare(spec: dict[str, Any]) -> dict[str, Any]:
     from ddpm.builders import build_diffusion, build_net
     from ddpm.diffusion import make_timestep_sampler
     from ddpm.ema import ExponentialMovingAverage
+    from ddpm.models.speed import run_net
 
     device = torch.device(spec["device"])
     s = spec["settings"]
@@ -627,12 +605,14 @@ def phase_train_bare(spec: dict[str, Any]) -> dict[str, Any]:
     net, ema, diffusion = net.to(device), ema.to(device), diffusion.to(device)
     net.train()
     sampler = make_timestep_sampler(module_cfg.timestep_sampler, diffusion.num_timesteps).to(device)
-    forward = BareForward(
-        net,
-        bool(module_cfg.channels_last),
-        bool(module_cfg.bf16_autocast),
-        bool(module_cfg.compile),
-    )
+    # The module's training forward, without the module: the same function, the same options.
+    compiled = torch.compile(net) if module_cfg.compile else net
+
+    def forward(x_t: Any, t: Any) -> Any:
+        return run_net(
+            compiled, x_t, t, bool(module_cfg.channels_last), bool(module_cfg.bf16_autocast)
+        )
+
     factory = instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     factory = factory or (lambda params, **kw: torch.optim.Adam(params, lr=2e-4, **kw))
     if module_cfg.fused_adam and device.type == "cuda":
@@ -710,13 +690,21 @@ def phase_train_bare(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def phase_eval(spec: dict[str, Any]) -> dict[str, Any]:
-    """Sampling (ancestral and DDIM) and bits/dim throughput with ``ema_net``, as callbacks do."""
+    """Sampling (ancestral and DDIM) and bits/dim throughput with ``ema_net``.
+
+    The option is applied as ``src/sample.py`` and ``src/eval.py`` apply their ``speed`` node
+    (:func:`ddpm.models.speed.fast_inference_net`); ``fused_adam`` does not apply here.
+    """
     torch = _torch()
+    from ddpm.models.speed import fast_inference_net
+
     device = torch.device(spec["device"])
     s = spec["settings"]
     _, module = _build(spec)
     module = module.to(device).eval()
-    net, diffusion = module.ema_net, module.diffusion
+    option = spec["option"]
+    speed = {k: option == k for k in ("channels_last", "bf16_autocast", "compile")}
+    net, diffusion = fast_inference_net(module.ema_net, **speed), module.diffusion
     batch = s["batch"]
     shape = (batch, *spec["image_shape"])
     generator = torch.Generator(device=device).manual_seed(spec["seed"])
@@ -1062,15 +1050,11 @@ def benchmark_model(
                 f"{bare['images_per_s']:.2f} img/s, overhead ratio Lightning ÷ bare = "
                 f"{entry['overhead_ratio']:.3f}; EMA {entry['ema_percent_of_step']:.2f}% of a step"
             )
-        if option in ("default", "channels_last"):
-            if "error" not in light:
-                echo(f"[{model}] {option}: sampling and bits/dim")
-                entry["eval"] = _eval_summary(run({**base, "option": option, "phase": "eval"}))
-        else:
-            entry["eval"] = {
-                "skipped": "the option changes the training forward only; sampling and "
-                "evaluation use ema_net eagerly in float32 (same as default)"
-            }
+        if option == "fused_adam":
+            entry["eval"] = {"skipped": "fused Adam changes the optimiser only"}
+        elif "error" not in light:
+            echo(f"[{model}] {option}: sampling and bits/dim")
+            entry["eval"] = _eval_summary(run({**base, "option": option, "phase": "eval"}))
         result["options"][option] = entry
     result["options"] = {option: result["options"][option] for option in options}
     if sync_check:

@@ -130,6 +130,7 @@ def test_callbacks_in_a_tiny_training_run(tmp_path: Path) -> None:
     assert trainer.callback_metrics["nll_prior_bpd"].item() == pytest.approx(
         expected_nll["prior_bpd"]
     )
+    assert trainer.callback_metrics["nll_num_images"].item() == 6
     terms = np.load(tmp_path / "nll" / "terms_step0000002.npy")
     np.testing.assert_allclose(terms, expected_nll["terms_bpd"], rtol=1e-6)
 

@@ -95,6 +95,8 @@ def test_train_with_wandb_offline_then_sample_and_eval(tmp_path):
             "sample_quality.steps=5",
             "sample_quality.eta=0.0",
             "nll.num_images=3",
+            "speed.channels_last=true",  # the speed options reach the evaluated network
+            "speed.bf16_autocast=true",
             f"hydra.run.dir={eval_dir}",
             f"paths.log_dir={tmp_path / 'logs'}",
         ],
@@ -104,6 +106,7 @@ def test_train_with_wandb_offline_then_sample_and_eval(tmp_path):
     result = json.loads((eval_dir / "metrics.json").read_text())
     assert result["nll_bpd"] > 0 and result["nll_num_images"] == 3
     assert result["fd_digits_20_ddim5"] >= 0
+    assert result["speed"] == {"channels_last": True, "bf16_autocast": True, "compile": False}
 
 
 def test_multirun_sweep_gives_each_job_its_own_directory_and_name(tmp_path):

@@ -14,6 +14,7 @@ from torch import nn
 
 from ddpm.diffusion import GaussianDiffusion, make_timestep_sampler
 from ddpm.ema import ExponentialMovingAverage
+from ddpm.models.speed import run_net
 
 __all__ = ["DiffusionLitModule", "DivergenceError"]
 
@@ -108,12 +109,7 @@ class DiffusionLitModule(pl.LightningModule):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The training network's output ``[B, C·m, H, W]`` (float32) for ``x_t`` at ``t``."""
         net = self.net if self._compiled_net is None else self._compiled_net
-        if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        if self.bf16_autocast:
-            with torch.autocast(device_type=x_t.device.type, dtype=torch.bfloat16):
-                return net(x_t, t).float()
-        return net(x_t, t)
+        return run_net(net, x_t, t, self.channels_last, self.bf16_autocast)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

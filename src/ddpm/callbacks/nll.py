@@ -116,6 +116,7 @@ class NLLCallback(pl.Callback):
                 "nll_bpd_stderr": result["nll_bpd_stderr"],
                 "nll_prior_bpd": result["prior_bpd"],
                 "nll_decoder_bpd": result["decoder_bpd"],
+                "nll_num_images": float(result["num_images"]),
             },
         )
         if trainer.is_global_zero:
