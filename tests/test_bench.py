@@ -266,3 +266,27 @@ def test_checkpoints_with_compiled_net_keys_still_load(compose_cfg):
     fresh = _module(compose_cfg, None)
     fresh.load_state_dict(state)  # strict: no unexpected keys
     assert torch.equal(fresh.net.conv_in.weight, module.net.conv_in.weight)
+
+
+def test_fused_adam_is_requested_on_cuda_only(compose_cfg):
+    """``module.fused_adam`` reaches the optimiser factory as ``fused=True`` on CUDA, not elsewhere.
+
+    No GPU is needed: the module's device is set by hand and the factory records its arguments.
+    """
+    module = _module(compose_cfg, "fused_adam")
+    calls = []
+
+    def factory(params, **kwargs):
+        calls.append(kwargs)
+        return torch.optim.Adam(params, lr=2e-4)
+
+    module.optimizer_factory = factory
+    module.configure_optimizers()  # on the CPU: the flag is ignored
+    module._device = torch.device("cuda", 0)  # what Lightning sets when it moves the module
+    module.configure_optimizers()
+    assert calls == [{}, {"fused": True}]
+    default = _module(compose_cfg, None)
+    default.optimizer_factory = factory
+    default._device = torch.device("cuda", 0)
+    default.configure_optimizers()
+    assert calls[-1] == {}  # off by default
