@@ -13,8 +13,7 @@ from omegaconf import OmegaConf
 from ddpm.diffusion import GaussianDiffusion, make_parameterization
 from ddpm.errors import ConfigError
 from ddpm.models import UNet
-from ddpm.models.speed import SpeedOptionsNet, fast_inference_net, run_net
-from ddpm.sampling_cli import speed_options
+from ddpm.models.speed import SpeedOptionsNet, fast_inference_net, run_net, speed_options
 
 SHAPE = (1, 8, 8)
 
@@ -93,15 +92,11 @@ def test_sampling_through_the_wrapper_matches_the_plain_network():
 
 
 def test_speed_options_from_config_and_a_clear_error_on_typos():
-    cfg = OmegaConf.create({"speed": {"channels_last": True, "bf16_autocast": False}})
-    assert speed_options(cfg) == {"channels_last": True, "bf16_autocast": False, "compile": False}
-    assert speed_options(OmegaConf.create({})) == {
-        "channels_last": False,
-        "bf16_autocast": False,
-        "compile": False,
-    }
+    node = OmegaConf.create({"channels_last": True, "bf16_autocast": False})
+    assert speed_options(node) == {"channels_last": True, "bf16_autocast": False, "compile": False}
+    assert speed_options(None) == {"channels_last": False, "bf16_autocast": False, "compile": False}
     with pytest.raises(ConfigError, match=r"unknown speed option.*bf16.*choose from"):
-        speed_options(OmegaConf.create({"speed": {"bf16": True}}))
+        speed_options(OmegaConf.create({"bf16": True}))
 
 
 @pytest.mark.slow

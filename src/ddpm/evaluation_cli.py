@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ddpm.builders import build_datamodule, ensure_writable_dir, load_for_inference
 from ddpm.errors import ConfigError
 from ddpm.metrics import evaluate_nll, evaluate_sample_quality
-from ddpm.models.speed import fast_inference_net
-from ddpm.sampling_cli import resolve_device, speed_options
+from ddpm.models.speed import fast_inference_net, speed_options
+from ddpm.sampling_cli import resolve_device
 from ddpm.training import write_json_atomic
 
 __all__ = ["evaluate"]
@@ -27,7 +27,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     diffusion, net, image_shape, run_cfg = load_for_inference(
         cfg.ckpt_path, cfg.pretrained, cfg.get("pretrained_diffusion"), device
     )
-    speed = speed_options(cfg)
+    speed = speed_options(cfg.get("speed"))
     net = fast_inference_net(net, **speed)
     data_node = run_cfg.data if run_cfg is not None else cfg.pretrained_data
     data_cfg = OmegaConf.create(OmegaConf.to_container(data_node, resolve=True))

@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 from ddpm.builders import ensure_writable_dir, load_for_inference
 from ddpm.errors import ConfigError
 from ddpm.images import save_grid_png, to_uint8
-from ddpm.models.speed import fast_inference_net
+from ddpm.models.speed import fast_inference_net, speed_options
 
-__all__ = ["resolve_device", "sample", "sampler_kwargs", "speed_options"]
+__all__ = ["resolve_device", "sample", "sampler_kwargs"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -23,16 +23,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def speed_options(cfg: DictConfig) -> dict[str, bool]:
-    """The ``speed`` node of a sample/eval config as keyword arguments of ``fast_inference_net``."""
-    speed = cfg.get("speed") or {}
-    known = ("channels_last", "bf16_autocast", "compile")
-    unknown = sorted(set(speed) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown speed option(s) {unknown}: choose from {', '.join(known)}")
-    return {key: bool(speed.get(key, False)) for key in known}
 
 
 def sampler_kwargs(sampler: str, steps: int | None, eta: float) -> dict[str, Any]:
@@ -52,7 +42,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     diffusion, net, image_shape, _ = load_for_inference(
         cfg.ckpt_path, cfg.pretrained, cfg.get("pretrained_diffusion"), device
     )
-    net = fast_inference_net(net, **speed_options(cfg))
+    net = fast_inference_net(net, **speed_options(cfg.get("speed")))
     num_samples, batch_size = int(cfg.num_samples), int(cfg.batch_size)
     if num_samples < 1 or batch_size < 1:
         raise ConfigError(f"num_samples={num_samples} and batch_size={batch_size} must be >= 1")

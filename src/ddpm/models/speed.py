@@ -8,12 +8,18 @@ numerics, and compile costs time up front and helps only on some devices.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SpeedOptionsNet", "fast_inference_net", "run_net"]
+from ddpm.errors import ConfigError
+
+__all__ = ["SPEED_OPTIONS", "SpeedOptionsNet", "fast_inference_net", "run_net", "speed_options"]
+
+#: The inference speed options, in the order of :func:`fast_inference_net`'s arguments.
+SPEED_OPTIONS = ("channels_last", "bf16_autocast", "compile")
 
 
 def run_net(
@@ -90,3 +96,17 @@ def fast_inference_net(
     if not (channels_last or bf16_autocast or compile):
         return net
     return SpeedOptionsNet(net, channels_last, bf16_autocast, compile)
+
+
+def speed_options(node: Mapping[str, Any] | None) -> dict[str, bool]:
+    """A config's ``speed`` node as keyword arguments of :func:`fast_inference_net`.
+
+    Missing options are off; an unknown one raises :class:`~ddpm.errors.ConfigError` naming it.
+    """
+    node = node or {}
+    unknown = sorted(set(node) - set(SPEED_OPTIONS))
+    if unknown:
+        raise ConfigError(
+            f"unknown speed option(s) {unknown}: choose from {', '.join(SPEED_OPTIONS)}"
+        )
+    return {key: bool(node.get(key, False)) for key in SPEED_OPTIONS}
