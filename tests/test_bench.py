@@ -140,12 +140,8 @@ def test_adam_step_counters_are_marked_as_host_tensors_unless_capturable(bench):
     assert counter.summary(steps=1)["per_step"] == {"device_to_host": 1}
 
 
-def test_training_step_and_sampling_make_no_host_sync(bench):
-    """A non-logging training step (Lightning fit) and a sampling step: no device→host read.
-
-    Adam's per-parameter ``step`` counters are host tensors on every device (torch.optim keeps
-    them on the CPU unless capturable/fused), so their reads are not counted.
-    """
+def _run_sync_check(bench) -> dict:
+    """The benchmark's synchronisation-check phase on ``model=tiny``, in this process."""
     spec = {
         "model": "tiny",
         "device": "cpu",
@@ -155,7 +151,16 @@ def test_training_step_and_sampling_make_no_host_sync(bench):
         "option": "default",
         "phase": "sync_check",
     }
-    result = bench.run_phase_here(spec)
+    return bench.run_phase_here(spec)
+
+
+def test_training_step_and_sampling_make_no_host_sync(bench):
+    """A non-logging training step (Lightning fit) and a sampling step: no device→host read.
+
+    Adam's per-parameter ``step`` counters are host tensors on every device (torch.optim keeps
+    them on the CPU unless capturable/fused), so their reads are not counted.
+    """
+    result = _run_sync_check(bench)
     assert "error" not in result, result.get("traceback")
     train = result["train"]
     assert train["device_to_host_per_step_by_origin"] == {}, train["events"]
@@ -175,16 +180,7 @@ def test_sync_check_catches_a_per_step_item(bench, monkeypatch):
         return loss
 
     monkeypatch.setattr(DiffusionLitModule, "training_step", training_step_with_item)
-    spec = {
-        "model": "tiny",
-        "device": "cpu",
-        "image_shape": list(IMAGE_SHAPE),
-        "settings": bench.settings_for("cpu", "tiny", True, {}),
-        "seed": 0,
-        "option": "default",
-        "phase": "sync_check",
-    }
-    result = bench.run_phase_here(spec)
+    result = _run_sync_check(bench)
     assert "error" not in result, result.get("traceback")
     events = [e for e in result["train"]["events"] if "training_step_with_item" in e["origin"]]
     assert len(events) == 1 and events[0]["count"] == bench.SYNC_CHECK_STEPS
