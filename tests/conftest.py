@@ -11,9 +11,26 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
+
+
+class TinyNet(nn.Module):
+    """A 1-channel conv net with dropout (must be off while sampling) and a timestep dependence."""
+
+    def __init__(self, num_timesteps: int = 20) -> None:
+        super().__init__()
+        self.num_timesteps = num_timesteps
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, H, W], [B] -> [B, 1, H, W]``."""
+        time = (t.float() / self.num_timesteps)[:, None, None, None]
+        return self.dropout(0.5 * self.conv(x)) + time
+
 
 # Overrides that make any training config a tiny, offline, few-second CPU run.
 TINY = [

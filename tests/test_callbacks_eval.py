@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from torch import nn
 
+from conftest import TinyNet  # tests/ is on sys.path under pytest
 from ddpm.callbacks import NLLCallback, SampleQualityCallback
 from ddpm.data.common import UInt8ImageDataset
 from ddpm.data.digits import DigitsDataModule, load_digits_split
@@ -21,16 +21,6 @@ from ddpm.lit_module import DiffusionLitModule
 from ddpm.metrics import INCEPTION_WEIGHTS_ENV, batch_seed, evaluate_nll, evaluate_sample_quality
 
 T = 20
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 1, 3, padding=1)
-        self.dropout = nn.Dropout(0.5)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.dropout(0.5 * self.conv(x)) + (t.float() / T)[:, None, None, None]
 
 
 def test_evaluate_nll_equals_core_nll_bpd() -> None:

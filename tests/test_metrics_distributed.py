@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
+from conftest import TinyNet  # tests/ is on sys.path under pytest
 from ddpm.data.common import UInt8ImageDataset
 from ddpm.data.digits import load_digits_split
 from ddpm.diffusion import GaussianDiffusion, make_betas
@@ -33,18 +33,6 @@ from ddpm.metrics.distributed import gather_to_rank0
 
 N, BATCH, SEED, ROUND = 21, 4, 7, 3
 SHAPE = (1, 8, 8)
-
-
-class TinyNet(nn.Module):
-    """Conv net with dropout (must be off while sampling) and a timestep dependence."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 1, 3, padding=1)
-        self.dropout = nn.Dropout(0.5)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.dropout(0.5 * self.conv(x)) + (t.float() / 20.0)[:, None, None, None]
 
 
 class TinyExtractor:
