@@ -3,18 +3,18 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ddpm.diffusion import GaussianDiffusion, make_timestep_sampler
 from ddpm.ema import ExponentialMovingAverage
 from ddpm.models.speed import run_net
+from ddpm.seeding import gather_rng_states, restore_rng_state, seed_rank_stream
 
 __all__ = ["DiffusionLitModule", "DivergenceError"]
 
@@ -52,6 +52,9 @@ class DiffusionLitModule(pl.LightningModule):
             so the diffusion maths and losses stay in float32.
         compile: ``torch.compile`` the UNet for training (the EMA copy stays eager).
         fused_adam: pass ``fused=True`` to the optimiser on CUDA (ignored on the CPU).
+        seed: the run's seed. When fitting starts, each rank's global RNGs are re-seeded from
+            ``(seed, global_rank)`` (:func:`ddpm.seeding.seed_rank_stream`), so DDP ranks draw
+            different timesteps, noise and dropout masks. None leaves the RNGs as they are.
 
     Attributes ``net``, ``ema_net`` and ``diffusion`` are what callbacks use; sampling and
     evaluation always go through ``ema_net``.
@@ -71,6 +74,7 @@ class DiffusionLitModule(pl.LightningModule):
         bf16_autocast: bool = False,
         compile: bool = False,
         fused_adam: bool = False,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "diffusion", "optimizer"])
@@ -85,6 +89,7 @@ class DiffusionLitModule(pl.LightningModule):
         self.channels_last = bool(channels_last)
         self.bf16_autocast = bool(bf16_autocast)
         self.fused_adam = bool(fused_adam)
+        self.seed = None if seed is None else int(seed)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
             self.ema.ema_net.to(memory_format=torch.channels_last)
@@ -110,6 +115,11 @@ class DiffusionLitModule(pl.LightningModule):
         """The training network's output ``[B, C·m, H, W]`` (float32) for ``x_t`` at ``t``."""
         net = self.net if self._compiled_net is None else self._compiled_net
         return run_net(net, x_t, t, self.channels_last, self.bf16_autocast)
+
+    def setup(self, stage: str) -> None:
+        """Give this rank its own random stream (before a resume restores the saved streams)."""
+        if stage == "fit" and self.seed is not None:
+            seed_rank_stream(self.seed, self.global_rank)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -220,38 +230,47 @@ class DiffusionLitModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the run configuration and every RNG state (a resumed run continues the stream).
+        """Refuse to save a diverged model; store the run configuration and every rank's RNG state.
 
-        Everything is stored as tensors and plain Python values so the checkpoint loads with
-        ``torch.load(weights_only=True)``.
+        Lightning builds the checkpoint on every rank (rank 0 writes it), so the finiteness check
+        and the gathering of the RNG states run everywhere and stay collective. The check is one
+        reduction over the weights per checkpoint, not per step. Everything is stored as tensors
+        and plain Python values, so the checkpoint loads with ``torch.load(weights_only=True)``.
+
+        Raises:
+            DivergenceError: when a weight of the network or of its EMA is NaN or infinite.
         """
+        self._check_weights_finite()
         checkpoint["run_config"] = self.run_config
         checkpoint["image_shape"] = list(self.image_shape)
-        np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # noqa: NPY002
-        py_version, py_state, py_gauss = random.getstate()
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [
-                str(np_kind),
-                torch.from_numpy(np_keys.astype(np.int64)),
-                int(np_pos),
-                int(np_has_gauss),
-                float(np_gauss),
-            ],
-            "python": [int(py_version), list(py_state), py_gauss],
-        }
+        checkpoint["rng_states_per_rank"] = gather_rng_states()
+
+    def _check_weights_finite(self) -> None:
+        tensors = [p.detach() for p in self.net.parameters()]
+        tensors += [p.detach() for p in self.ema_net.parameters()]
+        norms = torch._foreach_norm([t.float() for t in tensors], ord=float("inf"))
+        if not bool(torch.isfinite(torch.stack(norms)).all()):
+            step = self.global_step
+            self.diverged_at_step = step
+            raise DivergenceError(
+                f"non-finite weights at step {step} with {self.diffusion.name} "
+                f"(T={self.diffusion.num_timesteps}); no checkpoint of a diverged model is written "
+                "and the run is marked diverged"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states")
+        """Continue this rank's saved random stream (exact resume, rank by rank)."""
+        states = checkpoint.get("rng_states_per_rank")
+        if states is None and "rng_states" in checkpoint:  # single-process checkpoints
+            states = [checkpoint["rng_states"]]
         if not states:
             return
-        torch.set_rng_state(states["torch"])
-        if states["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
-        kind, keys, pos, has_gauss, gauss = states["numpy"]
-        np.random.set_state(  # noqa: NPY002
-            (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
-        )
-        version, state, gauss_next = states["python"]
-        random.setstate((version, tuple(state), gauss_next))
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if len(states) != world_size:
+            rank_zero_warn(
+                f"the checkpoint holds the random streams of {len(states)} rank(s) but this run "
+                f"has {world_size}; each rank starts a fresh stream from (seed, rank), so the "
+                "resumed run will not replay the original's noise exactly"
+            )
+            return
+        restore_rng_state(states[self.global_rank])
