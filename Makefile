@@ -55,21 +55,23 @@ CPU_THREADS ?= 1
 CPU_MALLOC ?= MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
 NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
 
+# Both ablation targets pass resume=true: after a crash, re-run with SWEEP=<the same directory> and
+# finished jobs return their metrics.json, killed ones continue from checkpoints/last.ckpt.
 ablation: install  ## Table 2 at paper scale on CIFAR-10 (GPU cluster): SEEDS=0,1,2 ABLATION_ARGS='hydra/launcher=submitit_slurm'
-	@dir=$(or $(SWEEP),logs/ablation/multiruns/$(NOW)); status=0; \
+	@dir=$(or $(SWEEP),logs/ablation/multiruns/$(NOW)); status=0; echo "sweep: $$dir (after a crash: make ablation SWEEP=$$dir)"; \
 	$(PY) src/train.py -m experiment=$(ABLATION_EXPERIMENTS) schedule=$(SCHEDULES) seed=$(SEEDS) \
-		+scale=paper hydra.sweep.dir=$$dir $(ABLATION_ARGS) || status=$$?; \
+		+scale=paper resume=true hydra.sweep.dir=$$dir $(ABLATION_ARGS) || status=$$?; \
 	$(PY) -m ddpm.ablation $$dir $(TABLE_ARGS); exit $$status
 
 ablation-cpu: install  ## Table 2 on the embedded digits, 2 CPU cores (~50 min per seed), then the table
-	@dir=$(or $(SWEEP),logs/ablation_cpu/multiruns/$(NOW)); mkdir -p $$dir; \
+	@dir=$(or $(SWEEP),logs/ablation_cpu/multiruns/$(NOW)); mkdir -p $$dir; echo "sweep: $$dir (after a crash: make ablation-cpu SWEEP=$$dir)"; \
 	start=$$(date +%s); pids=""; status=0; \
 	trap 'kill $$pids 2>/dev/null; exit 130' INT TERM; \
 	for schedule in $(subst $(comma), ,$(SCHEDULES)); do \
 		echo "schedule=$$schedule: $$dir/$$schedule (log: $$dir/$$schedule.log)"; \
 		OMP_NUM_THREADS=$(CPU_THREADS) $(CPU_MALLOC) $(PY) src/train.py -m experiment=$(ABLATION_EXPERIMENTS) \
-			schedule=$$schedule seed=$(SEEDS) +scale=cpu hydra.sweep.dir=$$dir/$$schedule \
-			$(ABLATION_ARGS) > $$dir/$$schedule.log 2>&1 & pids="$$pids $$!"; \
+			schedule=$$schedule seed=$(SEEDS) +scale=cpu resume=true hydra.sweep.dir=$$dir/$$schedule \
+			$(ABLATION_ARGS) >> $$dir/$$schedule.log 2>&1 & pids="$$pids $$!"; \
 	done; \
 	for pid in $$pids; do wait $$pid || status=1; done; \
 	echo $$(( $$(date +%s) - start )) > $$dir/wall_clock_s; \

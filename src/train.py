@@ -9,17 +9,13 @@ import hydra
 from omegaconf import DictConfig
 
 from ddpm.cli import run_cli
-from ddpm.training import train
+from ddpm.training import objective_value, train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    metrics = run_cli(train, cfg)
-    # Returned for Hydra sweepers (e.g. Optuna): the headline metric when there is one.
-    for key in ("fid_50k", "fd_digits", "nll_bpd", "final_train_loss"):
-        if key in metrics:
-            return float(metrics[key])
-    return None
+def main(cfg: DictConfig) -> float:
+    """Train; return ``metrics[cfg.optimized_metric]`` (by its exact name) for Hydra sweepers."""
+    return objective_value(run_cli(train, cfg))
 
 
 if __name__ == "__main__":

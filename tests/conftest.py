@@ -57,6 +57,7 @@ TINY = [
     "callbacks.nll.batch_size=4",
     "callbacks.nll.progress=false",
     "~callbacks.sample_quality",
+    "~callbacks.sample_quality_periodic",
 ]
 
 

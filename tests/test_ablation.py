@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra.utils import instantiate
 
 from conftest import TINY  # tests/ is on sys.path under pytest
 from ddpm import ablation
@@ -85,10 +86,16 @@ def test_paper_scale_keeps_the_paper_run_and_adds_the_paper_protocol(compose_cfg
     cfg = compose_cfg("experiment=table2_eps_simple", "+scale=paper", tiny=False)
     assert cfg.data._target_.endswith("CIFAR10DataModule") and cfg.trainer.max_steps == 800_000
     assert cfg.data.batch_size == 128 and cfg.module.ema_decay == pytest.approx(0.9999)
-    final = cfg.callbacks.sample_quality_final
-    assert final._target_ == "ddpm.callbacks.SampleQualityCallback"
+    # One end-of-training sample-quality evaluation, with the paper's protocol; the periodic
+    # DDIM curve stays for monitoring.
+    assert "sample_quality_final" not in cfg.callbacks
+    final = instantiate(cfg.callbacks.sample_quality)
+    assert final.run_on_train_end and final.every_n_steps == 0
     assert final.num_samples == 50_000 and final.steps is None and final.eta is None
     assert final.compute_is and final.is_splits == 10
+    periodic = instantiate(cfg.callbacks.sample_quality_periodic)
+    assert not periodic.run_on_train_end and periodic.every_n_steps == 50_000
+    assert periodic.num_samples == 10_000 and periodic.steps == 100
     assert cfg.callbacks.nll.num_images == 10_000 and cfg.final_eval.range_check_samples > 0
 
 

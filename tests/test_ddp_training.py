@@ -85,7 +85,9 @@ def _train_ddp(cfg, record_dir: Path) -> list[dict]:
     record_dir.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, cfg, port, str(record_dir))) for r in range(WORLD)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, cfg, port, str(record_dir))) for r in range(WORLD)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ddpm.callbacks.checkpoint_io import AtomicCheckpointIO
 from ddpm.ema import ExponentialMovingAverage
-from ddpm.images import make_grid, to_uint8
+from ddpm.images import make_grid, quantize_to_uint8
 
 
 def _net() -> nn.Module:
@@ -82,7 +82,7 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
     io.save_checkpoint({"step": 1}, target)
-    assert torch.load(target)["step"] == 1
+    assert torch.load(target, weights_only=True)["step"] == 1
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
@@ -91,13 +91,15 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(OSError, match="disk full"):
         io.save_checkpoint({"step": 2}, target)
     monkeypatch.undo()
-    assert torch.load(target)["step"] == 1, "a failed write must leave the old checkpoint intact"
+    assert torch.load(target, weights_only=True)["step"] == 1, (
+        "a failed write must leave the old checkpoint intact"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"], "no temporary file left"
 
 
 def test_uint8_quantisation_rounds_and_grid_places_images():
     x = torch.tensor([-1.0, -0.999, 0.0, 1.0, 1.5]).view(1, 1, 1, 5)
-    assert to_uint8(x).flatten().tolist() == [0, 0, 128, 255, 255]  # round((x+1)*127.5)
+    assert quantize_to_uint8(x).flatten().tolist() == [0, 0, 128, 255, 255]  # round((x+1)·127.5)
     images = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 2, 2)
     grid = make_grid(images, nrow=2, padding=1)
     assert grid.shape == (7, 7, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -64,6 +65,23 @@ def _setup() -> tuple[TinyNet, GaussianDiffusion, UInt8ImageDataset, tuple]:
     return net, diffusion, digits, reference
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` with numpy arrays as tensors and numpy scalars as Python numbers (both lossless).
+
+    So the result files load with ``torch.load(weights_only=True)``, like every file the project
+    reads: numpy objects would need arbitrary unpickling.
+    """
+    if isinstance(obj, np.ndarray):
+        return torch.tensor(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {key: _plain(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(value) for value in obj)
+    return obj
+
+
 def _run_all(out: Path, cache_dir: Path, rank: int) -> None:
     net, diffusion, digits, reference = _setup()
     net.train()  # the pipeline must switch dropout off and restore the mode
@@ -87,10 +105,14 @@ def _run_all(out: Path, cache_dir: Path, rank: int) -> None:
         digits, TinyExtractor(), dataset_name="toy", cache_dir=cache_dir, batch_size=BATCH
     )
     nll = evaluate_nll(diffusion, net, digits, num_images=N, seed=5, batch_size=BATCH)
-    torch.save(
-        {"gathered": gathered, "quality": quality, "ref": ref_stats, "nll": nll, "local": indices},
-        out / f"rank{rank}.pt",
-    )
+    results = {
+        "gathered": gathered,
+        "quality": quality,
+        "ref": ref_stats,
+        "nll": nll,
+        "local": indices,
+    }
+    torch.save(_plain(results), out / f"rank{rank}.pt")
 
 
 def _worker(rank: int, world_size: int, port: int, out: str, cache_dir: str) -> None:
@@ -120,7 +142,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
         join=True,
     )
     _run_all(single, single / "cache", rank=0)  # no process group: world size 1
-    load = lambda p: torch.load(p, weights_only=False)  # noqa: E731
+    load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
     return {
         "r0": load(multi / "rank0.pt"),
         "r1": load(multi / "rank1.pt"),

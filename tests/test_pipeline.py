@@ -60,6 +60,7 @@ def test_groups_offer_the_documented_choices():
         "callbacks",
         "experiment",
         "optimizer",
+        "evaluation",
     ],
 )
 def test_every_yaml_in_every_group_composes(compose_cfg, group):
@@ -138,6 +139,9 @@ def test_train_writes_metrics_samples_and_checkpoints(compose_cfg, tmp_path):
     run = tmp_path / "run"
     assert metrics["global_step"] == 3
     assert (run / "checkpoints" / "last.ckpt").is_file()
+    # Saves every 2 steps, 3 steps in all: last.ckpt still holds the final step.
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 3
     assert (run / "samples" / "final.png").is_file()
     assert not list(run.rglob(".*.tmp")), "no half-written temporary files may remain"
     assert metrics["nll_bpd"] > metrics["nll_prior_bpd"] > 0
@@ -152,7 +156,7 @@ def test_resume_restores_step_and_ema_exactly(compose_cfg, tmp_path):
     ckpt_dir = tmp_path / "run" / "checkpoints"
     step2 = ckpt_dir / "step_0000002.ckpt"
     assert step2.is_file(), sorted(p.name for p in ckpt_dir.iterdir())
-    reference = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    reference = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
     assert reference["global_step"] == 4
 
     # Resume from step 2 into a fresh directory and train to step 4 again.
@@ -160,7 +164,7 @@ def test_resume_restores_step_and_ema_exactly(compose_cfg, tmp_path):
     resumed_cfg.paths.output_dir = str(tmp_path / "resumed")
     metrics = train(resumed_cfg)
     assert metrics["global_step"] == 4
-    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 4
     assert resumed["lr_schedulers"] == reference["lr_schedulers"]
     # Same data order, timesteps and noise after the resume: weights agree to float32 rounding.
@@ -171,7 +175,7 @@ def test_resume_restores_step_and_ema_exactly(compose_cfg, tmp_path):
 
     # Loading restores the EMA and the step exactly.
     module, _ = load_module_from_checkpoint(step2)
-    saved = torch.load(step2, weights_only=False)
+    saved = torch.load(step2, weights_only=True)
     assert int(module.ema.num_updates) == saved["global_step"] == 2
     for key, value in module.ema.state_dict().items():
         assert torch.equal(value, saved["state_dict"][f"ema.{key}"]), key
@@ -217,3 +221,26 @@ def test_digits_datamodule_from_config_yields_grid_values(compose_cfg):
     assert batch.shape == (16, 1, 8, 8)
     u8 = (batch + 1) * 127.5
     assert torch.allclose(u8, u8.round(), atol=1e-4)
+
+
+def test_no_checkpoint_holds_a_diverged_model(compose_cfg, tmp_path):
+    """Checkpoints every step, loss checked only every 1000: the save itself refuses NaN weights."""
+    metrics = train(
+        compose_cfg(
+            "optimizer.lr=1e30",
+            "trainer.gradient_clip_val=null",
+            "trainer.max_steps=6",
+            "trainer.log_every_n_steps=1000",
+            "module.check_finite_every_n_steps=1000",
+            "callbacks.model_checkpoint.every_n_train_steps=1",
+        )
+    )
+    assert metrics["diverged"] is True
+    assert "non-finite weights" in metrics["error"]
+    written = sorted((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    for path in written:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        for key, value in state.items():
+            if value.is_floating_point():
+                assert torch.isfinite(value).all(), f"{path.name}: {key} is not finite"
+    assert metrics["diverged_at_step"] >= len([p for p in written if p.name != "last.ckpt"])

@@ -15,6 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ddpm.checkpoints import safe_load
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.errors import CheckpointError, ConfigError, OutputDirError
 from ddpm.lit_module import DiffusionLitModule
@@ -102,21 +103,16 @@ def ensure_writable_dir(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU, or raise :class:`CheckpointError` naming the file and the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not exist; pass the path of a .ckpt written by "
-            "src/train.py (e.g. logs/train/runs/<run>/<time>/checkpoints/last.ckpt)"
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err}); it is "
-            "truncated or not a PyTorch checkpoint — use another checkpoint of the run "
-            "(checkpoints/last.ckpt or a step_*.ckpt)"
-        ) from None
+    """Read a Lightning checkpoint onto the CPU without running any code from it.
+
+    Reads through :func:`ddpm.checkpoints.safe_load` (``torch.load(weights_only=True)``), the
+    same reader Lightning's resume path uses via ``AtomicCheckpointIO``.
+
+    Raises:
+        CheckpointError: naming the file, when it is missing, unreadable, references Python
+            objects that only arbitrary unpickling can build, or has no ``state_dict``.
+    """
+    checkpoint = safe_load(path, map_location="cpu")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
     return checkpoint

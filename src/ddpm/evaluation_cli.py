@@ -41,6 +41,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{tuple(datamodule.image_shape)}; pass matching data"
         )
 
+    quality, nll = _evaluation_sizes(cfg, run_cfg)
     metrics: dict[str, Any] = {
         "ckpt_path": cfg.ckpt_path,
         "pretrained": cfg.pretrained,
@@ -49,7 +50,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "seed": int(cfg.seed),
         "speed": speed,
     }
-    quality = cfg.sample_quality
     if quality.enabled:
         metrics.update(
             evaluate_sample_quality(
@@ -70,16 +70,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 is_splits=int(quality.is_splits),
             )
         )
-    if cfg.nll.enabled:
+    if nll.enabled:
         datamodule.setup("test")
         result = evaluate_nll(
             diffusion,
             net,
             datamodule.test_dataloader(),
-            num_images=int(cfg.nll.num_images),
+            num_images=int(nll.num_images),
             seed=int(cfg.seed),
             device=device,
-            batch_size=int(cfg.nll.batch_size),
+            batch_size=int(nll.batch_size),
         )
         terms = Path(output_dir) / "nll_terms.npy"
         np.save(terms, result.pop("terms_bpd"))
@@ -92,3 +92,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if key.startswith(("fid", "is_", "fd_", "nll_bpd")) and isinstance(value, float):
             print(f"  {key}: {value:.4f}")
     return metrics
+
+
+def _evaluation_sizes(cfg: DictConfig, run_cfg: DictConfig | None) -> tuple[DictConfig, DictConfig]:
+    """``cfg.sample_quality`` and ``cfg.nll`` with every ``???`` filled from the run's protocol.
+
+    The protocol is the run config's ``evaluation.report`` (``conf/evaluation/<data>.yaml`` with
+    the run's scale applied), or ``cfg.pretrained_evaluation.report`` for a released model.
+
+    Raises:
+        ConfigError: when a size is not given and the checkpoint's config has no protocol.
+    """
+    if run_cfg is not None:
+        report = OmegaConf.select(run_cfg, "evaluation.report")
+        source = "the run's evaluation.report"
+    else:
+        report = OmegaConf.select(cfg, "pretrained_evaluation.report")
+        source = "pretrained_evaluation.report"
+    sections = []
+    for section in ("sample_quality", "nll"):
+        node = OmegaConf.create(OmegaConf.to_container(cfg[section], resolve=False))
+        for key in node:
+            if not node.enabled or not OmegaConf.is_missing(node, key):
+                continue
+            value = OmegaConf.select(report, f"{section}.{key}", default="???") if report else "???"
+            if value == "???":
+                raise ConfigError(
+                    f"{section}.{key} is not set and {source} does not give it (a checkpoint "
+                    f"from before evaluation sizes were saved); pass {section}.{key}=..."
+                )
+            node[key] = value
+        sections.append(node)
+    return sections[0], sections[1]

@@ -9,19 +9,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["make_grid", "save_grid_png", "to_uint8"]
+__all__ = ["make_grid", "quantize_to_uint8", "save_grid_png"]
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats ``[B, C, H, W]`` to uint8 by rounding (values outside are clamped)."""
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+def quantize_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Quantise images from [-1, 1] to uint8: the one quantiser of samples, grids and metrics.
+
+    ``u8 = clamp(round((x + 1) · 127.5), 0, 255)`` (round half to even), computed in float32. For
+    inputs on the data grid ``x = k/127.5 − 1`` this returns ``k`` exactly; values outside
+    [-1, 1] clamp to 0 / 255.
+
+    Non-finite values (a diverged model) get fixed bytes instead of whatever the float → uint8
+    cast makes of them (undefined for NaN, and not the same on every device): NaN → 128 (x = 0,
+    mid grey, a pixel that claims nothing, so a diverged sample shows as flat grey and is
+    penalised by FID/IS rather than crashing them or passing as black or white), +Inf → 255 and
+    −Inf → 0 (the limits they clamp to anyway). ``samples.npz``, the grids and the metrics all
+    use this function, so the same samples always give the same bytes.
+
+    Args:
+        images: float tensor ``[B, C, H, W]`` (any shape works) nominally in [-1, 1]; a uint8
+            tensor is returned unchanged (already quantised).
+
+    Returns:
+        uint8 tensor of the same shape and device.
+    """
+    if images.dtype == torch.uint8:
+        return images
+    x = torch.nan_to_num(images.float(), nan=0.0, posinf=1.0, neginf=-1.0)
+    return ((x + 1.0) * 127.5).round().clamp(0.0, 255.0).to(torch.uint8)
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) -> np.ndarray:
     """uint8 ``[B, C, H, W]`` to one ``[rows·(H+p)+p, cols·(W+p)+p, C]`` array (C ∈ {1, 3})."""
     images = images.detach().cpu()
-    if images.dtype != torch.uint8:
-        images = to_uint8(images)
+    images = quantize_to_uint8(images)
     b, c, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(b)))
     ncol = math.ceil(b / nrow)

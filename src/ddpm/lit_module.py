@@ -77,7 +77,8 @@ class DiffusionLitModule(pl.LightningModule):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "diffusion", "optimizer"])
+        # `seed` is in the run config already; as an hparam it would clash with the datamodule's.
+        self.save_hyperparameters(ignore=["net", "diffusion", "optimizer", "seed"])
         self.net = net
         self.diffusion = diffusion
         self.image_shape = tuple(int(s) for s in image_shape)

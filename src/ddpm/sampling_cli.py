@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ddpm.builders import ensure_writable_dir, load_for_inference
 from ddpm.errors import ConfigError
-from ddpm.images import save_grid_png, to_uint8
+from ddpm.images import quantize_to_uint8, save_grid_png
 from ddpm.models.speed import fast_inference_net, speed_options
 
 __all__ = ["resolve_device", "sample", "sampler_kwargs"]
@@ -60,7 +60,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             progress=True,
             **kwargs,
         )
-        chunks.append(to_uint8(x).cpu())
+        chunks.append(quantize_to_uint8(x).cpu())
     images = torch.cat(chunks)
     png = save_grid_png(images[:256], Path(output_dir) / "samples.png", scale=int(cfg.grid_scale))
     npz = Path(output_dir) / "samples.npz"

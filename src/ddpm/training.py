@@ -3,6 +3,10 @@
 Order: check the output directory → build the diffusion (invalid combinations stop here, before
 any data is touched) → data → model → callbacks and loggers → fit → final samples, bits/dim on
 held-out data and ``metrics.json``. A non-finite loss ends the run cleanly with ``diverged: true``.
+
+With ``resume=true`` a run whose directory already holds ``metrics.json`` returns those metrics
+without training, and one that holds ``checkpoints/last.ckpt`` continues from it: re-running a
+crashed multirun with the same ``hydra.sweep.dir`` finishes it instead of starting over.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from ddpm.builders import (
 )
 from ddpm.callbacks.checkpoint_io import AtomicCheckpointIO
 from ddpm.callbacks.sample_grid import SampleGridCallback
+from ddpm.callbacks.sample_quality import SampleQualityCallback
+from ddpm.errors import ConfigError
 from ddpm.lit_module import DiffusionLitModule, DivergenceError
 from ddpm.wandb_utils import wandb_has_credentials
 
-__all__ = ["git_commit", "train", "write_json_atomic"]
+__all__ = ["git_commit", "objective_value", "train", "write_json_atomic"]
 
 log = __import__("logging").getLogger(__name__)
 
@@ -102,8 +108,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.time()
     output_dir = ensure_writable_dir(cfg.paths.output_dir)
     diffusion_name = build_diffusion(cfg).name  # invalid combinations stop before anything runs
-    if cfg.get("ckpt_path"):
-        load_checkpoint(cfg.ckpt_path)  # a missing or corrupt checkpoint stops here, clearly
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.get("resume"):
+        finished = _finished_metrics(output_dir)
+        if finished is not None:
+            log.info("resume: %s already holds metrics.json; not training again", output_dir)
+            print(f"resume: {output_dir} is complete; returning its metrics.json", flush=True)
+            return finished
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if not ckpt_path and last.is_file():
+            ckpt_path = str(last)
+    if ckpt_path:
+        checkpoint = load_checkpoint(ckpt_path)  # a missing or corrupt checkpoint stops here
+        message = f"resuming from {ckpt_path} (step {checkpoint.get('global_step')})"
+        log.info(message)
+        print(message, flush=True)
+        del checkpoint
 
     pl.seed_everything(int(cfg.seed), workers=True)
     datamodule = build_datamodule(cfg)
@@ -143,7 +163,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             # The EMA copy is in eval mode on purpose (no dropout when sampling); Lightning's
             # generic "modules in eval mode" warning would only confuse users about it.
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except DivergenceError as err:
         log.error(str(err))
         metrics.update(diverged=True, diverged_at_step=module.diverged_at_step, error=str(err))
@@ -161,13 +181,68 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         terms = getattr(callback, "last_terms_path", None)
         if terms:
             metrics["nll_terms_npy"] = str(terms)
+    metrics["optimized_metric"] = _optimized_metric_name(cfg, metrics, trainer)
     metrics["wall_time_s"] = round(time.time() - start, 2)
     metrics["output_dir"] = str(output_dir)
 
     if trainer.is_global_zero:
         path = write_json_atomic(metrics, output_dir / "metrics.json")
         _print_summary(metrics, path, trainer, offline_wandb)
+    _check_optimized_metric(metrics)
     return metrics
+
+
+def _finished_metrics(output_dir: Path) -> dict[str, Any] | None:
+    """The ``metrics.json`` of a run that finished (written last, atomically), else None."""
+    path = output_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and "global_step" in metrics else None
+
+
+def _optimized_metric_name(cfg: DictConfig, metrics: dict[str, Any], trainer: pl.Trainer) -> str:
+    """The key of ``metrics`` that Hydra sweepers optimise (``cfg.optimized_metric``).
+
+    None in the config picks the metric of the end-of-training sample-quality evaluation (its
+    name carries the protocol, e.g. ``fd_digits_1k_ddim50``), else ``nll_bpd``, else the final
+    training loss.
+
+    Whether it was computed is checked by :func:`_check_optimized_metric`.
+    """
+    name = cfg.get("optimized_metric")
+    if name:
+        return str(name)
+    for callback in trainer.callbacks:
+        if isinstance(callback, SampleQualityCallback) and callback.run_on_train_end:
+            for key in callback.last_metrics:  # the Fréchet distance comes first
+                return key
+    for key in ("nll_bpd", "final_train_loss"):
+        if key in metrics:
+            return key
+    return "final_train_loss"
+
+
+def _check_optimized_metric(metrics: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` when the optimised metric was not computed (unless diverged)."""
+    name = metrics["optimized_metric"]
+    if name in metrics or metrics.get("diverged"):
+        return
+    computed = sorted(
+        k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    )
+    raise ConfigError(
+        f"optimized_metric={name!r} was not computed by this run (metrics.json is written); it "
+        f"computed {computed}. Set optimized_metric to one of them (names carry the protocol, "
+        "e.g. fd_digits_1k_ddim50) or enable the callback that computes it"
+    )
+
+
+def objective_value(metrics: dict[str, Any]) -> float:
+    """The value of ``metrics["optimized_metric"]`` for a sweeper; NaN for a diverged run."""
+    value = metrics.get(metrics.get("optimized_metric", ""))
+    return float("nan") if value is None else float(value)
 
 
 def _final_evaluation(
@@ -217,7 +292,8 @@ def _print_summary(metrics: dict[str, Any], path: Path, trainer: pl.Trainer, off
             lines.append(f"W&B (offline): {run_dir}  →  upload with: wandb sync {run_dir}")
     if metrics.get("diverged"):
         lines.append(f"DIVERGED at step {metrics.get('diverged_at_step')}: {metrics.get('error')}")
-    for key in ("final_train_loss", "nll_bpd", "fd_digits", "fid_50k"):
-        if key in metrics:
+    shown = ("final_train_loss", "nll_bpd", metrics.get("optimized_metric"))
+    for key in dict.fromkeys(k for k in shown if k):
+        if isinstance(metrics.get(key), (int, float)):
             lines.append(f"{key}: {metrics[key]:.4f}")
     print("\n".join(lines), flush=True)

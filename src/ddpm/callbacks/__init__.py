@@ -1,8 +1,15 @@
 """Lightning callbacks: sample grids, atomic checkpoints, and evaluation (IS/FID, bits/dim)."""
 
 from ddpm.callbacks.checkpoint_io import AtomicCheckpointIO
+from ddpm.callbacks.model_checkpoint import ModelCheckpoint
 from ddpm.callbacks.nll import NLLCallback
 from ddpm.callbacks.sample_grid import SampleGridCallback
 from ddpm.callbacks.sample_quality import SampleQualityCallback
 
-__all__ = ["AtomicCheckpointIO", "NLLCallback", "SampleGridCallback", "SampleQualityCallback"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "ModelCheckpoint",
+    "NLLCallback",
+    "SampleGridCallback",
+    "SampleQualityCallback",
+]

@@ -17,7 +17,10 @@ class SampleGridCallback(pl.Callback):
     """Every ``every_n_steps`` (and at the end of training) sample a grid from the EMA network.
 
     The same initial noise and generator seed are used every time, so successive grids show the
-    model improving rather than different draws.
+    model improving rather than different draws. Each optimiser step is sampled at most once:
+    under gradient accumulation ``on_train_batch_end`` fires once per micro-batch while
+    ``global_step`` stays, and when training ends on a step that already has a periodic grid the
+    ``final`` grid is written from those images instead of sampling them again.
 
     Args:
         every_n_steps: interval in optimiser steps; 0 disables periodic grids.
@@ -47,6 +50,10 @@ class SampleGridCallback(pl.Callback):
         self.dirname = dirname
         self.scale = int(scale)
         self.last_path: Path | None = None
+        # The step of the newest grid and its images: the same EMA weights and fixed noise give
+        # the same images, so a second request for that step reuses them (one sampling per step).
+        self._last_step: int | None = None
+        self._last_images: torch.Tensor | None = None
 
     @torch.no_grad()
     def sample(self, pl_module: pl.LightningModule) -> torch.Tensor:
@@ -60,15 +67,26 @@ class SampleGridCallback(pl.Callback):
 
     @rank_zero_only
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
-        images = self.sample(pl_module).clamp(-1, 1)
+        step = trainer.global_step
+        fresh = self._last_step != step or self._last_images is None
+        if fresh:
+            self._last_images = self.sample(pl_module).clamp(-1, 1).cpu()
+            self._last_step = step
         out_dir = Path(trainer.default_root_dir) / self.dirname
-        self.last_path = save_grid_png(images, out_dir / f"{tag}.png", scale=self.scale)
-        for logger in trainer.loggers:
-            _log_image(logger, str(self.last_path), trainer.global_step)
+        self.last_path = save_grid_png(self._last_images, out_dir / f"{tag}.png", scale=self.scale)
+        if fresh:  # the loggers already hold this step's grid otherwise
+            for logger in trainer.loggers:
+                _log_image(logger, str(self.last_path), step)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Periodic grids belong to optimiser steps taken in this run. Without this, accumulation
+        # would grid the untouched start weights (its first micro-batch ends at the start step),
+        # and a resumed run would redo the grid its checkpoint's step already has.
+        self._last_step, self._last_images = trainer.global_step, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0:
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._write(trainer, pl_module, f"step_{step:07d}")
 
     def on_train_end(self, trainer, pl_module) -> None:

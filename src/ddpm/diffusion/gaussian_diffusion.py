@@ -10,6 +10,7 @@ callable ``net(x_t, t) -> Tensor [B, C·m, ...]`` with ``m = output_channels_mul
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +30,9 @@ from ddpm.diffusion.variance import Variance, make_variance
 __all__ = ["GaussianDiffusion", "Net"]
 
 Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: How many respaced children (:meth:`GaussianDiffusion.respaced`) a diffusion keeps, by recency.
+RESPACED_CACHE_SIZE = 8
 
 
 class _RespacedParameterization(Parameterization):
@@ -134,7 +138,19 @@ class GaussianDiffusion(nn.Module):
         self.betas_float64 = tables["betas"]  # kept on the host for respacing, never per step
         for name, value in tables.items():
             self.register_buffer(name, value.to(dtype), persistent=False)
-        self._respaced: dict[tuple, GaussianDiffusion] = {}
+        self._respaced: OrderedDict[tuple, GaussianDiffusion] = OrderedDict()  # LRU, see respaced
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> GaussianDiffusion:
+        """Move/cast the tables (``.to``, ``.cuda``, ``.double``, ...) and drop respaced children.
+
+        The children are not submodules (they must not enter ``state_dict``), so ``fn`` would not
+        reach them, and their strategies hold the parent and its ``timestep_map`` as plain
+        attributes that casting the child could not update either. Rebuilding them on demand
+        from the float64 βs is cheap and exact, and releases the old device's memory.
+        """
+        result = super()._apply(fn, *args, **kwargs)
+        self._respaced.clear()
+        return result
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -326,7 +342,9 @@ class GaussianDiffusion(nn.Module):
 
         The kept timesteps are evenly strided from 0 to T−1; the respaced βs are recomputed from
         ᾱ so that ᾱ is unchanged at every kept step: β'ᵢ = 1 − ᾱ[kᵢ]/ᾱ[kᵢ₋₁]. The result is
-        cached per (steps, device, dtype).
+        cached per (steps, device, dtype): the :data:`RESPACED_CACHE_SIZE` most recently used
+        step counts are kept, and moving or casting this diffusion empties the cache (the next
+        call rebuilds the child on the new device and dtype).
         """
         steps = int(steps)
         if not 2 <= steps <= self.num_timesteps:
@@ -354,6 +372,11 @@ class GaussianDiffusion(nn.Module):
             ).to(self.betas.device)
             child.register_buffer("timestep_map", kept, persistent=False)
             self._respaced[key] = child
+            # Bounded: a sweep over many step counts must not keep every child (and its device
+            # tables) alive; a run uses a handful (sampling, bits/dim, grids).
+            while len(self._respaced) > RESPACED_CACHE_SIZE:
+                self._respaced.popitem(last=False)
+        self._respaced.move_to_end(key)
         child = self._respaced[key]
         return child, child.timestep_map
 

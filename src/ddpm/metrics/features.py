@@ -16,6 +16,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+# The metrics quantise exactly like samples.npz and the grids: one function, defined with them.
+from ddpm.images import quantize_to_uint8
+
 __all__ = [
     "FeatureExtractor",
     "default_cache_dir",
@@ -25,25 +28,6 @@ __all__ = [
 ]
 
 CACHE_DIR_ENV = "DDPM_CACHE_DIR"
-
-
-def quantize_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Quantise images from [-1, 1] to uint8 the way saved PNGs would be.
-
-    ``u8 = clamp(round((x + 1) · 127.5), 0, 255)`` (round half to even). For inputs on the data
-    grid ``x = k/127.5 − 1`` this returns ``k`` exactly. Non-finite values (a diverged model) are
-    mapped to 0 before rounding: NaN → 128, ±Inf → 255 / 0.
-
-    Args:
-        images: float tensor ``[B, C, H, W]`` nominally in [-1, 1].
-
-    Returns:
-        uint8 tensor of the same shape and device.
-    """
-    if images.dtype == torch.uint8:
-        return images
-    x = torch.nan_to_num(images.float(), nan=0.0, posinf=1.0, neginf=-1.0)
-    return ((x + 1.0) * 127.5).round().clamp(0.0, 255.0).to(torch.uint8)
 
 
 @contextlib.contextmanager
