@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEVICE ?= cpu
 STAMP := $(VENV)/.stamp-install
+# The optional extras (W&B dashboard, Optuna search): only the tests and their own targets need them.
+STAMP_EXTRAS := $(VENV)/.stamp-extras
 
-.PHONY: help install quickstart test test-all lint format ablation ablation-cpu table bench clean
+.PHONY: help install quickstart test test-all lint format ablation ablation-cpu table bench dashboard search clean
 
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -21,13 +23,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the project (torch 2.14.1, torchvision 0.29.1)
 
+$(STAMP_EXTRAS): $(STAMP)
+	$(PIP) install --quiet -e '.[dev,dashboard,optuna]'
+	touch $(STAMP_EXTRAS)
+
 quickstart: install  ## train the quickstart model on the embedded digits (CPU, a few minutes)
 	$(CPU_MALLOC) $(PY) src/train.py experiment=quickstart
 
-test: install  ## fast test suite (CI)
+test: $(STAMP_EXTRAS)  ## fast test suite (CI), with the optional extras so their tests run
 	$(PY) -m pytest -q
 
-test-all: install  ## fast and slow tests
+test-all: $(STAMP_EXTRAS)  ## fast and slow tests
 	$(PY) -m pytest -q -m "slow or not slow"
 
 lint: install  ## ruff format check and lint
@@ -89,6 +95,20 @@ BENCH_ARGS ?=
 
 bench: install  ## speed benchmark -> bench/results/<device>.{json,md}: make bench DEVICE=cpu|cuda MODELS="ddpm_cifar10 small"
 	$(PY) bench/bench.py --device $(DEVICE) --models $(MODELS) $(BENCH_ARGS)
+
+# ---------------------------------------------------------------- W&B dashboard and Optuna search
+# Hydra overrides of the sweep a dashboard is for: they fix the protocol-bearing metric names.
+DASHBOARD_ARGS ?=
+PROJECT ?= ddpm-lab
+
+dashboard: install  ## W&B workspace (needs `wandb login`): make dashboard ENTITY=<you> [GROUP=ablation_cpu DASHBOARD_ARGS='data=digits +scale=cpu']
+	@test -n "$(ENTITY)" || { echo "usage: make dashboard ENTITY=<W&B entity> [GROUP=<W&B group>] [DASHBOARD_ARGS=...]" >&2; exit 2; }
+	$(PIP) install --quiet -e '.[dashboard]'
+	$(PY) -m ddpm.dashboard --entity $(ENTITY) --project $(PROJECT) $(if $(GROUP),--sweep-group $(GROUP)) $(DASHBOARD_ARGS)
+
+search: install  ## Optuna search of the quickstart's lr, EMA decay and warm-up on digits (CPU): make search [TRIALS=20]
+	$(PIP) install --quiet -e '.[optuna]'
+	$(CPU_MALLOC) $(PY) src/train.py -m experiment=quickstart hparams_search=quickstart_optuna $(if $(TRIALS),hydra.sweeper.n_trials=$(TRIALS))
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache

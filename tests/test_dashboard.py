@@ -62,6 +62,10 @@ class RecordingRun:
                 key, value = value.spec.table_key, value.table
             self.history.setdefault(key, []).append(value)
 
+    def finish(self) -> None:
+        """``train()`` ends every job's run (see ``ddpm.training._finish_wandb``)."""
+        self.finished = True
+
 
 class RecordingWandbLogger(WandbLogger):
     """The project's ``WandbLogger`` config, logging into a :class:`RecordingRun`."""

@@ -86,7 +86,6 @@ def test_quickstart_optuna_composes_a_search_of_the_quickstart(optuna_sweeper):
     assert warmup.low <= cfg.module.lr_warmup_steps <= warmup.high
 
 
-@pytest.mark.timeout(900)
 def test_two_optuna_trials_of_a_tiny_model_end_to_end(optuna_sweeper, tmp_path):
     sweep_dir = tmp_path / "sweep"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"

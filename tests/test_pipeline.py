@@ -244,3 +244,17 @@ def test_no_checkpoint_holds_a_diverged_model(compose_cfg, tmp_path):
             if value.is_floating_point():
                 assert torch.isfinite(value).all(), f"{path.name}: {key} is not finite"
     assert metrics["diverged_at_step"] >= len([p for p in written if p.name != "last.ckpt"])
+
+
+def test_each_job_of_one_process_gets_its_own_wandb_run(compose_cfg, tmp_path):
+    """A multirun's jobs share a process (Hydra's basic launcher): each must finish its W&B run."""
+    import wandb
+
+    run_dirs = []
+    for job in ("job0", "job1"):
+        cfg = compose_cfg("logger=wandb", "trainer.max_steps=1")
+        cfg.paths.output_dir = str(tmp_path / job)
+        train(cfg)
+        assert wandb.run is None, "the W&B run of a finished job is still open"
+        run_dirs += sorted((tmp_path / job / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 2 and run_dirs[0].name != run_dirs[1].name

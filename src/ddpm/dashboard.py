@@ -94,8 +94,8 @@ class PanelSpec:
             steps) or ``"table_line"`` (the line plot of a logged ``wandb.plot.line`` chart).
         title: panel title.
         keys: logged keys; the placeholders ``{fd}``, ``{is}``, ``{fd_curve}``, ``{is_curve}``
-            and ``{lr}`` are filled in from the run config (see the module docstring). A panel whose keys fill in to nothing (no
-            Inception score on digits) is left out.
+            and ``{lr}`` are filled in from the run config (see the module docstring). A panel
+            whose keys fill in to nothing (no Inception score on digits) is left out.
         regex: line panels: also plot every key matching it (other evaluation protocols).
         log_y: logarithmic y axis.
         fields: table_line panels: the x and y columns of the logged table.
@@ -111,10 +111,17 @@ class PanelSpec:
 
 @dataclass(frozen=True)
 class SectionSpec:
-    """A titled, collapsible section of the workspace."""
+    """A titled, collapsible section of the workspace.
+
+    Attributes:
+        name: section title.
+        panels: its panels, in order.
+        columns: also show the panels' keys as columns of the runs table.
+    """
 
     name: str
     panels: tuple[PanelSpec, ...]
+    columns: bool = False
 
 
 #: The dashboard: the one place that names the keys its panels plot.
@@ -131,6 +138,7 @@ SECTIONS: tuple[SectionSpec, ...] = (
                 ("nll_prior_bpd", "nll_decoder_bpd"),
             ),
         ),
+        columns=True,
     ),
     SectionSpec(
         "Training: loss per quartile of t, learning rate, gradient norm",
@@ -154,7 +162,7 @@ SECTIONS: tuple[SectionSpec, ...] = (
         (
             PanelSpec(
                 "table_line",
-                "L_t (bits/dim) against t, held-out images",
+                "L_t (bits/dim) against t on held-out images, last evaluation",
                 ("nll_terms",),
                 fields=("t", "bpd"),
             ),
@@ -393,7 +401,7 @@ def build_workspace(
     import wandb_workspaces.workspaces as ws
 
     resolved = resolve_sections(cfg, sections)
-    table2 = [k for p in resolved[0].panels for k in p.keys] if resolved else []
+    columns = [f"summary:{k}" for s in resolved if s.columns for p in s.panels for k in p.keys]
     return ws.Workspace(
         entity=entity,
         project=project,
@@ -407,7 +415,7 @@ def build_workspace(
             groupby=[ws.Config(key) for key in group_keys(cfg)],
             filters=ws.And(ws.Metric("Group") == sweep_group) if sweep_group else "",
             # The seed of each run next to its Table 2 values (runs are grouped without it).
-            pinned_columns=[_config_column("config.seed"), *(f"summary:{k}" for k in table2)],
+            pinned_columns=[_config_column("config.seed"), *columns],
         ),
     )
 

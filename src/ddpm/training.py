@@ -139,57 +139,71 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
-    hparams = {
-        "config": module.run_config,
-        "git_commit": git_commit(),
-        "diffusion": diffusion_name,
-        "num_parameters": sum(p.numel() for p in module.net.parameters()),
-    }
-    for logger in trainer.loggers:
-        logger.log_hyperparams(hparams)
-
-    metrics: dict[str, Any] = {
-        "run_name": cfg.get("run_name"),
-        "diffusion": diffusion_name,
-        "schedule": cfg.schedule.name,
-        "num_timesteps": int(cfg.schedule.num_timesteps),
-        "seed": int(cfg.seed),
-        "git_commit": hparams["git_commit"],
-        "num_parameters": hparams["num_parameters"],
-        "diverged": False,
-    }
     try:
-        with warnings.catch_warnings():
-            # The EMA copy is in eval mode on purpose (no dropout when sampling); Lightning's
-            # generic "modules in eval mode" warning would only confuse users about it.
-            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except DivergenceError as err:
-        log.error(str(err))
-        metrics.update(diverged=True, diverged_at_step=module.diverged_at_step, error=str(err))
+        hparams = {
+            "config": module.run_config,
+            "git_commit": git_commit(),
+            "diffusion": diffusion_name,
+            "num_parameters": sum(p.numel() for p in module.net.parameters()),
+        }
+        for logger in trainer.loggers:
+            logger.log_hyperparams(hparams)
 
-    metrics["global_step"] = int(trainer.global_step)
-    final_loss = trainer.callback_metrics.get("train/loss")
-    if final_loss is not None:
-        metrics["final_train_loss"] = float(final_loss)
-    if not metrics["diverged"]:
-        metrics.update(_final_evaluation(cfg, module, datamodule, trainer, output_dir))
-    for key, value in trainer.callback_metrics.items():
-        if key.startswith(("fid", "is_", "fd_", "nll", "val/")) and key not in metrics:
-            metrics[key] = float(value)
-    for callback in trainer.callbacks:  # per-timestep terms of the bound, when computed
-        terms = getattr(callback, "last_terms_path", None)
-        if terms:
-            metrics["nll_terms_npy"] = str(terms)
-    metrics["optimized_metric"] = _optimized_metric_name(cfg, metrics, trainer)
-    metrics["wall_time_s"] = round(time.time() - start, 2)
-    metrics["output_dir"] = str(output_dir)
+        metrics: dict[str, Any] = {
+            "run_name": cfg.get("run_name"),
+            "diffusion": diffusion_name,
+            "schedule": cfg.schedule.name,
+            "num_timesteps": int(cfg.schedule.num_timesteps),
+            "seed": int(cfg.seed),
+            "git_commit": hparams["git_commit"],
+            "num_parameters": hparams["num_parameters"],
+            "diverged": False,
+        }
+        try:
+            with warnings.catch_warnings():
+                # The EMA copy is in eval mode on purpose (no dropout when sampling); Lightning's
+                # generic "modules in eval mode" warning would only confuse users about it.
+                warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except DivergenceError as err:
+            log.error(str(err))
+            metrics.update(diverged=True, diverged_at_step=module.diverged_at_step, error=str(err))
 
-    if trainer.is_global_zero:
-        path = write_json_atomic(metrics, output_dir / "metrics.json")
-        _print_summary(metrics, path, trainer, offline_wandb)
-    _check_optimized_metric(metrics)
-    return metrics
+        metrics["global_step"] = int(trainer.global_step)
+        final_loss = trainer.callback_metrics.get("train/loss")
+        if final_loss is not None:
+            metrics["final_train_loss"] = float(final_loss)
+        if not metrics["diverged"]:
+            metrics.update(_final_evaluation(cfg, module, datamodule, trainer, output_dir))
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(("fid", "is_", "fd_", "nll", "val/")) and key not in metrics:
+                metrics[key] = float(value)
+        for callback in trainer.callbacks:  # per-timestep terms of the bound, when computed
+            terms = getattr(callback, "last_terms_path", None)
+            if terms:
+                metrics["nll_terms_npy"] = str(terms)
+        metrics["optimized_metric"] = _optimized_metric_name(cfg, metrics, trainer)
+        metrics["wall_time_s"] = round(time.time() - start, 2)
+        metrics["output_dir"] = str(output_dir)
+
+        if trainer.is_global_zero:
+            path = write_json_atomic(metrics, output_dir / "metrics.json")
+            _print_summary(metrics, path, trainer, offline_wandb)
+        _check_optimized_metric(metrics)
+        return metrics
+    finally:
+        _finish_wandb(trainer)
+
+
+def _finish_wandb(trainer: pl.Trainer) -> None:
+    """End this job's W&B run, also after a crash.
+
+    Lightning leaves it open, and the next job of a multirun in the same process (Hydra's basic
+    launcher, the Optuna sweeper) would otherwise log into it.
+    """
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def _finished_metrics(output_dir: Path) -> dict[str, Any] | None:
