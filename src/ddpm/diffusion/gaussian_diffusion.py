@@ -10,6 +10,7 @@ callable ``net(x_t, t) -> Tensor [B, C·m, ...]`` with ``m = output_channels_mul
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -96,6 +97,23 @@ class _RespacedLearnedVariance(Variance):
         max_log = d.extract("log_betas", t, x_t)
         log_variance = frac * max_log + (1.0 - frac) * min_log
         return torch.exp(log_variance), log_variance
+
+
+def _collapsed_strata_stderr(y: torch.Tensor) -> torch.Tensor:
+    """√(Σ_G g/(g−1) Σ_{k∈G}(Yₖ − Ȳ_G)²) ``[B]`` over consecutive groups of 2 (last of 3 if odd).
+
+    ``y [B, M]`` are the weighted stratum estimates; NaN when M < 2 (nothing to pair).
+    """
+    m = y.shape[1]
+    if m < 2:
+        return torch.full(y.shape[:1], float("nan"), device=y.device, dtype=y.dtype)
+    edges = [*range(0, m - 1, 2), m]  # pairs; an odd M makes the last group a triple
+    var = torch.zeros(y.shape[0], device=y.device, dtype=y.dtype)
+    for lo, hi in itertools.pairwise(edges):
+        group = y[:, lo:hi]
+        g = hi - lo
+        var = var + g / (g - 1) * (group - group.mean(dim=1, keepdim=True)).square().sum(dim=1)
+    return var.sqrt()
 
 
 class GaussianDiffusion(nn.Module):
@@ -336,14 +354,99 @@ class GaussianDiffusion(nn.Module):
         prior = self.prior_bpd(x0)
         return {"total": terms.sum(dim=1) + prior, "terms": terms, "prior": prior}
 
+    def stratum_bounds(self, num_terms: int) -> torch.Tensor:
+        """Edges ``[K+1]`` of the K strata of :meth:`nll_bpd_stratified` (host LongTensor).
+
+        Stratum 0 is always {0} alone: the decoder term L₀ is orders of magnitude larger than a
+        KL term, so letting it be drawn with probability 1/n and weight n would dominate the
+        variance. The other K−1 strata split 1…T−1 into nearly equal contiguous ranges.
+        """
+        T, K = self.num_timesteps, int(num_terms)
+        if not 2 <= K <= T:
+            raise ValueError(f"num_terms={K}: choose between 2 and num_timesteps={T}")
+        rest = torch.linspace(1, T, K, dtype=torch.float64).round().long()
+        return torch.cat([torch.zeros(1, dtype=torch.long), rest])
+
+    @torch.no_grad()
+    def nll_bpd_stratified(
+        self,
+        net: Net,
+        x0: torch.Tensor,
+        num_terms: int,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """An unbiased estimate of the full bound (:meth:`nll_bpd`) from K ≪ T terms per image.
+
+        range(T) is split into K contiguous strata (:meth:`stratum_bounds`: {0}, then K−1 nearly
+        equal ranges of 1…T−1). For each image and stratum k of size nₖ one tₖ is drawn uniformly
+        in the stratum and one x_t ~ q(x_t | x0), and the estimate is Σₖ nₖ L_{tₖ} + L_T: each
+        term is unbiased for its stratum's sum, so the total is unbiased for the full bound.
+
+        Randomness, all from ``generator``: first the within-stratum offsets ``[B, K]`` (skipped
+        when every stratum has one timestep, K = T), then one noise tensor per stratum from the
+        last stratum down, the order :meth:`nll_bpd` uses, so with K = T the noise of term t is
+        the one :meth:`nll_bpd` draws and the two totals agree to rounding.
+
+        Standard error (per image, conditional on the image): with one draw per stratum the
+        within-stratum variance cannot be estimated directly, so the strata 1…K−1 are collapsed
+        into consecutive groups of two (three for the last group when K−1 is odd) and
+        Var ≈ Σ_groups g/(g−1) Σ_{k∈G} (Yₖ − Ȳ_G)², Yₖ = nₖ L_{tₖ} (for a pair: (Y₁ − Y₂)²).
+        This is the standard collapsed-strata estimator: it over-estimates by the spread of the
+        neighbouring strata means, which is small where Lₜ varies smoothly in t. Stratum {0}
+        varies only through ε and is left out. For the mean over a data set, report the standard
+        error across images, ``total.std() / √B``, which also contains this noise.
+
+        Args:
+            net: the (EMA) network.
+            x0: data ``[B, C, H, W]`` on the 256-level grid in [-1, 1].
+            num_terms: K, between 2 and T (network evaluations per image).
+            generator: the only source of randomness (on ``x0``'s device).
+
+        Returns:
+            ``total [B]`` (bits/dim), ``stderr [B]`` (bits/dim, the collapsed-strata estimate;
+            NaN when K = 2, one non-trivial stratum), ``t [B, K]`` (the drawn timesteps),
+            ``terms [B, K]`` (L_{tₖ} in bits/dim, unweighted), ``weights [K]`` (nₖ) and
+            ``prior [B]``.
+        """
+        batch, device = x0.shape[0], x0.device
+        edges = self.stratum_bounds(num_terms)
+        sizes = edges[1:] - edges[:-1]
+        K = sizes.numel()
+        starts, sizes_dev = edges[:-1].to(device), sizes.to(device)
+        if bool((sizes > 1).any()):
+            u = torch.rand(batch, K, generator=generator, device=device, dtype=torch.float64)
+            offsets = torch.minimum((u * sizes_dev).floor().long(), sizes_dev - 1)
+        else:
+            offsets = torch.zeros(batch, K, dtype=torch.long, device=device)
+        t_all = starts + offsets
+        terms = torch.empty(batch, K, device=device, dtype=x0.dtype)
+        for k in range(K - 1, -1, -1):
+            t = t_all[:, k]
+            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+            terms[:, k] = self.vlb_term_bpd(net, x0, self.q_sample(x0, t, noise), t)
+        weights = sizes_dev.to(x0.dtype)
+        weighted = terms * weights
+        prior = self.prior_bpd(x0)
+        return {
+            "total": weighted.sum(dim=1) + prior,
+            "stderr": _collapsed_strata_stderr(weighted[:, 1:]),
+            "t": t_all,
+            "terms": terms,
+            "weights": weights,
+            "prior": prior,
+        }
+
     # ------------------------------------------------------------------ sampling
-    def respaced(self, steps: int) -> tuple[GaussianDiffusion, torch.Tensor]:
+    def respaced(
+        self, steps: int, spacing: str = "linspace"
+    ) -> tuple[GaussianDiffusion, torch.Tensor]:
         """A diffusion over ``steps`` of the T timesteps and the original index of each of them.
 
-        The kept timesteps are evenly strided from 0 to T−1; the respaced βs are recomputed from
+        The kept timesteps follow ``spacing`` (see :func:`~ddpm.diffusion.sampling.timestep_spacing`;
+        the default ``linspace`` strides evenly from 0 to T−1); the respaced βs are recomputed from
         ᾱ so that ᾱ is unchanged at every kept step: β'ᵢ = 1 − ᾱ[kᵢ]/ᾱ[kᵢ₋₁]. The result is
-        cached per (steps, device, dtype): the :data:`RESPACED_CACHE_SIZE` most recently used
-        step counts are kept, and moving or casting this diffusion empties the cache (the next
+        cached per (steps, device, dtype, spacing): the :data:`RESPACED_CACHE_SIZE` most recently
+        used keys are kept, and moving or casting this diffusion empties the cache (the next
         call rebuilds the child on the new device and dtype).
         """
         steps = int(steps)
@@ -351,11 +454,11 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(
                 f"steps={steps}: choose between 2 and num_timesteps={self.num_timesteps}"
             )
-        key = (steps, self.betas.device, self.betas.dtype)
+        key = (steps, self.betas.device, self.betas.dtype, spacing)
         if key not in self._respaced:
-            kept = (
-                torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long()
-            )
+            from ddpm.diffusion.sampling import timestep_spacing
+
+            kept = timestep_spacing(self, steps, spacing)
             alphas_cumprod = torch.cumprod(1.0 - self.betas_float64, 0)[kept]
             previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
             betas = 1.0 - alphas_cumprod / previous
@@ -393,6 +496,10 @@ class GaussianDiffusion(nn.Module):
         x_T: torch.Tensor | None = None,
         t_start: int | None = None,
         progress: bool = False,
+        sampler: str | None = None,
+        spacing: str | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        **sampler_opts: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Draw samples ``[B, C, H, W]`` from the reverse process.
 
@@ -409,9 +516,23 @@ class GaussianDiffusion(nn.Module):
             t_start: start the chain at this original timestep index with ``x_T`` as x_t (for
                 interpolation and conceptual compression); it must be one of the kept steps.
             progress: show a progress bar.
+            sampler: a name from :data:`~ddpm.diffusion.sampling.SAMPLERS` (``ancestral``,
+                ``ddim``, ``dpmpp_2m``, ``heun``); None keeps the ``eta`` rule above. ``eta`` is
+                only accepted with ``ddim`` (default 0 there).
+            spacing: timestep spacing (``linspace``, ``uniform``, ``trailing``, ``logsnr``,
+                ``karras``); None is the sampler's default
+                (:data:`~ddpm.diffusion.sampling.DEFAULT_SPACING`).
+            callback: called once per step with a dict holding at least ``i`` (step number,
+                0 = noisiest), ``t`` (original timestep), ``x`` (x_t entering the step) and
+                ``pred_x0``.
+            sampler_opts: extra keyword options of the chosen sampler.
 
         Returns:
             the samples, or ``(samples, pred_x0_chain)`` when ``return_pred_x0``.
+
+        Raises:
+            ValueError: unknown sampler or spacing (naming the choices), ``eta`` with a sampler
+                other than ``ddim``, ``t_start`` with an ODE solver, bad ``steps``/``x_T``.
         """
         from ddpm.diffusion.sampling import sample_loop
 
@@ -427,6 +548,10 @@ class GaussianDiffusion(nn.Module):
             x_T=x_T,
             t_start=t_start,
             progress=progress,
+            sampler=sampler,
+            spacing=spacing,
+            callback=callback,
+            **sampler_opts,
         )
 
     def extra_repr(self) -> str:

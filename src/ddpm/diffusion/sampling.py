@@ -1,22 +1,303 @@
-"""Reverse-process samplers: ancestral (Algorithm 2), strided respacing and DDIM.
+"""Reverse-process samplers behind one registry: ancestral, DDIM, DPM-Solver++(2M) and EDM's Heun.
 
-Randomness comes only from the ``torch.Generator`` passed in. The loop indexes device-resident
-tables with device-resident timesteps, so a step makes no host↔device copy or synchronisation.
+Every sampler has the same signature (k-diffusion's shape, adapted to the discrete VP schedule)::
+
+    sampler_fn(d, net, x_T, steps, *, generator, clip_denoised, callback, spacing, **opts) -> x0
+
+``x_T`` is the starting noise ``[B, ...]``, ``steps`` the number of network timesteps visited
+(None: all T), and ``callback(info)`` is called once per step with at least ``i`` (step number,
+0 = noisiest), ``t`` (original timestep index, int), ``x`` (the state x_t entering the step) and
+``pred_x0`` (x̂₀ at that step, clipped when ``clip_denoised``). Adding a sampler is one function
+plus an entry in :data:`SAMPLERS`.
+
+Every sampler reads x̂₀ through :meth:`GaussianDiffusion.p_mean_variance` (so it works for every
+parameterisation and clips like the others) and ε̂ through ``pred_eps_from_x0``. Randomness comes
+only from the ``torch.Generator`` passed in. The ancestral/DDIM loop indexes device-resident tables
+with device-resident timesteps, so a step makes no host↔device copy; the ODE solvers' coefficients
+are host float64 scalars computed once per call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
     from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion, Net
 
-__all__ = ["sample_loop"]
+__all__ = [
+    "DEFAULT_SPACING",
+    "SAMPLERS",
+    "SPACINGS",
+    "ancestral",
+    "ddim",
+    "dpmpp_2m",
+    "get_sampler",
+    "heun",
+    "sample_loop",
+    "timestep_spacing",
+]
+
+Callback = Callable[[dict[str, Any]], None]
+
+#: Timestep spacings; see :func:`timestep_spacing`.
+SPACINGS = ("linspace", "uniform", "trailing", "logsnr", "karras")
+
+#: The spacing each sampler uses when ``spacing=None``.
+#: ancestral/ddim keep today's ``linspace`` so existing results do not change; DPM-Solver++ takes
+#: steps of equal size in λ = log(α/σ), the variable it integrates in (on the linear schedule a
+#: linspace grid puts one huge λ-jump at the end, where the multistep extrapolation is worst);
+#: Heun uses EDM's ρ = 7 grid in σ, which it was designed with.
+DEFAULT_SPACING = {
+    "ancestral": "linspace",
+    "ddim": "linspace",
+    "dpmpp_2m": "logsnr",
+    "heun": "karras",
+}
+
+_KARRAS_RHO = 7.0
 
 
+# ---------------------------------------------------------------------------- spacing
+def timestep_spacing(d: GaussianDiffusion, steps: int, spacing: str = "linspace") -> torch.Tensor:
+    """The ``steps`` original timestep indices a respaced/ODE sampler visits, ascending, on the host.
+
+    Spacings (T = ``d.num_timesteps``, S = ``steps``):
+
+    * ``linspace``: round(linspace(0, T−1, S)) (Improved DDPM's strided respacing; today's default).
+    * ``uniform``: DDIM's 0, T/S, 2T/S, … (rounded), never reaching T−1.
+    * ``trailing``: T−1, T−1−T/S, … (rounded; Lin et al. 2024), never reaching 0.
+    * ``logsnr``: equal steps in λₜ = log(√ᾱₜ/√(1−ᾱₜ)) between λ at T−1 and λ at 0.
+    * ``karras``: EDM's σᵢ = (σ_max^{1/ρ} + i/(S−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, ρ = 7, with
+      σₜ = √((1−ᾱₜ)/ᾱₜ), σ_max = σ at T−1, σ_min = σ at 0.
+
+    ``logsnr`` and ``karras`` targets are snapped to the discrete timestep nearest in λ (= −log σ),
+    because the network only knows integer timesteps; where two targets snap to the same timestep
+    (near t = 0 the discrete λ-gaps exceed small target steps) they are pushed apart to the
+    neighbouring indices so the S timesteps stay distinct.
+
+    Returns:
+        LongTensor ``[S]``, strictly increasing, in ``[0, T−1]``.
+    """
+    T, steps = d.num_timesteps, int(steps)
+    if not 2 <= steps <= T:
+        raise ValueError(f"steps={steps}: choose between 2 and num_timesteps={T}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: choose one of {list(SPACINGS)}")
+    f64 = torch.float64
+    if spacing == "linspace":
+        kept = torch.linspace(0, T - 1, steps, dtype=f64).round().long()
+    elif spacing == "uniform":
+        kept = (torch.arange(steps, dtype=f64) * (T / steps)).round().long()
+    elif spacing == "trailing":
+        kept = ((T - torch.arange(steps, dtype=f64) * (T / steps)).round().long() - 1).flip(0)
+    else:
+        lam = _log_snr_half(d)  # decreasing in t
+        if spacing == "logsnr":
+            targets = torch.linspace(float(lam[0]), float(lam[-1]), steps, dtype=f64)
+        else:
+            sigma_max, sigma_min = math.exp(-float(lam[-1])), math.exp(-float(lam[0]))
+            ramp = torch.linspace(0.0, 1.0, steps, dtype=f64)
+            inv = 1.0 / _KARRAS_RHO
+            sigmas = (sigma_max**inv + ramp * (sigma_min**inv - sigma_max**inv)) ** _KARRAS_RHO
+            targets = (-sigmas.log()).flip(0)  # ascending t ↔ descending σ ↔ increasing λ order
+        kept = (lam[None, :] - targets[:, None]).abs().argmin(dim=1)
+    return _strictly_increasing(kept.tolist(), T)
+
+
+def _log_snr_half(d: GaussianDiffusion) -> torch.Tensor:
+    """λₜ = log(αₜ/σₜ) = ½ log(ᾱₜ/(1−ᾱₜ)) ``[T]`` float64 on the host."""
+    abar = torch.cumprod(1.0 - d.betas_float64, 0)
+    return 0.5 * (abar.log() - torch.log1p(-abar))
+
+
+def _strictly_increasing(kept: list[int], T: int) -> torch.Tensor:
+    """Make sorted indices distinct within [0, T−1] by pushing collisions to neighbours."""
+    kept = sorted(kept)
+    for i in range(1, len(kept)):
+        kept[i] = max(kept[i], kept[i - 1] + 1)
+    kept[-1] = min(kept[-1], T - 1)
+    for i in range(len(kept) - 2, -1, -1):
+        kept[i] = min(kept[i], kept[i + 1] - 1)
+    return torch.tensor(kept, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------- samplers
+def ancestral(
+    d: GaussianDiffusion,
+    net: Net,
+    x_T: torch.Tensor,
+    steps: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    clip_denoised: bool = True,
+    callback: Callback | None = None,
+    spacing: str | None = None,
+    t_start: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Algorithm 2 (all T steps) or strided respacing over ``steps`` timesteps: x ← μ_θ + σ z.
+
+    ``steps`` network evaluations; the noise z of each step but the last is drawn from
+    ``generator``. ``t_start`` starts at that kept original timestep with ``x_T`` as x_t.
+    Default spacing ``linspace``. Returns x₀ ``[B, ...]`` (not clamped).
+    """
+    return _respaced_chain(
+        d, net, x_T, steps, None, generator, clip_denoised, callback, spacing, t_start, progress
+    )
+
+
+def ddim(
+    d: GaussianDiffusion,
+    net: Net,
+    x_T: torch.Tensor,
+    steps: int | None = None,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    clip_denoised: bool = True,
+    callback: Callback | None = None,
+    spacing: str | None = None,
+    t_start: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM (Song et al.) over ``steps`` timesteps; ``eta`` = 0 is the deterministic ODE solver.
+
+    First order in the step size for η = 0 (it is DPM-Solver-1 / Euler in λ on the data
+    prediction). ``steps`` network evaluations; default spacing ``linspace``.
+    """
+    if eta is None or eta < 0:
+        raise ValueError(f"eta={eta}: DDIM needs eta >= 0 (0 is deterministic)")
+    return _respaced_chain(
+        d,
+        net,
+        x_T,
+        steps,
+        float(eta),
+        generator,
+        clip_denoised,
+        callback,
+        spacing,
+        t_start,
+        progress,
+    )
+
+
+def dpmpp_2m(
+    d: GaussianDiffusion,
+    net: Net,
+    x_T: torch.Tensor,
+    steps: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    clip_denoised: bool = True,
+    callback: Callback | None = None,
+    spacing: str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): multistep exponential integrator on the x̂₀ prediction.
+
+    With αₜ = √ᾱₜ, σₜ = √(1−ᾱₜ), λₜ = log(αₜ/σₜ) at the visited timesteps t₀ > t₁ > … > t_{S−1}
+    and h = λ_{i+1} − λᵢ, one step is
+
+        x_{i+1} = (σ_{i+1}/σᵢ) xᵢ − α_{i+1} (e^{−h} − 1) D,
+        D = (1 + 1/(2r)) x̂₀ᵢ − 1/(2r) x̂₀ᵢ₋₁,  r = (λᵢ − λᵢ₋₁)/h,
+
+    with D = x̂₀ᵢ (first order) at the first step. The final step, from t_{S−1} to clean data
+    (σ = 0, λ = ∞), is first order: it returns x̂₀ at t_{S−1}, exactly as DDIM's last step does.
+    ``steps`` network evaluations. Deterministic (``generator`` is unused; it is accepted so all
+    samplers share one signature). Default spacing ``logsnr`` (equal h): with ``linspace`` on the
+    linear schedule the λ-steps are very uneven and the solver is much less accurate.
+    """
+    ts, abar = _ode_grid(d, steps, spacing or DEFAULT_SPACING["dpmpp_2m"])
+    alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()
+    lam = (alpha.log() - sigma.log()).tolist()
+    alpha, sigma = alpha.tolist(), sigma.tolist()
+    x = x_T
+    prev_x0, h_prev = None, 0.0
+    n = len(ts)
+    for i in _maybe_progress(range(n), progress):
+        pred_x0 = _pred_x0(d, net, x, ts[i], clip_denoised)
+        if callback is not None:
+            callback({"i": i, "t": ts[i], "x": x, "pred_x0": pred_x0, "sigma": sigma[i]})
+        if i == n - 1:
+            return pred_x0
+        h = lam[i + 1] - lam[i]
+        if prev_x0 is None:
+            denoised = pred_x0
+        else:
+            r = h_prev / h
+            denoised = (1.0 + 0.5 / r) * pred_x0 - (0.5 / r) * prev_x0
+        x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * math.expm1(-h)) * denoised
+        prev_x0, h_prev = pred_x0, h
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def heun(
+    d: GaussianDiffusion,
+    net: Net,
+    x_T: torch.Tensor,
+    steps: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    clip_denoised: bool = True,
+    callback: Callback | None = None,
+    spacing: str | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """EDM's (Karras et al. 2022, Algorithm 1 without churn) Heun solver of the probability-flow ODE.
+
+    In the VE view x̃ = x/√ᾱ = x₀ + σ ε, σ = √((1−ᾱ)/ᾱ), the ODE is dx̃/dσ = (x̃ − D(x̃; σ))/σ with
+    D the x̂₀ of the network evaluated at x = x̃/√(1+σ²). The grid is σ₀ > … > σ_{S−1} (default
+    ``karras`` spacing, ρ = 7) followed by σ_S = 0; every step is Heun (Euler predictor, trapezoid
+    corrector) except the last, to σ = 0, which is Euler (it returns x̂₀ at σ_{S−1}).
+
+    Discrete schedule: the EDM σ targets are snapped to the timestep with the nearest σ (in log σ)
+    and the solver integrates between the *snapped* σ values, so every network evaluation is at
+    the exact σ of the integer timestep it is given (no interpolation of t; the snapping only
+    perturbs the step sizes). ``steps = S`` costs 2S − 1 network evaluations. Deterministic.
+    """
+    ts, abar = _ode_grid(d, steps, spacing or DEFAULT_SPACING["heun"])
+    sig = ((1.0 - abar) / abar).sqrt().tolist()
+    scale = [1.0 / math.sqrt(1.0 + s * s) for s in sig]  # √ᾱ, x = √ᾱ x̃
+    n = len(ts)
+    x_tilde = x_T / scale[0]
+    for i in _maybe_progress(range(n), progress):
+        x = x_tilde * scale[i]
+        pred_x0 = _pred_x0(d, net, x, ts[i], clip_denoised)
+        if callback is not None:
+            callback({"i": i, "t": ts[i], "x": x, "pred_x0": pred_x0, "sigma": sig[i]})
+        if i == n - 1:
+            return pred_x0  # Euler to σ = 0: x̃ + (0 − σ)(x̃ − D)/σ = D
+        slope = (x_tilde - pred_x0) / sig[i]
+        dsig = sig[i + 1] - sig[i]
+        x_euler = x_tilde + dsig * slope
+        pred_x0_next = _pred_x0(d, net, x_euler * scale[i + 1], ts[i + 1], clip_denoised)
+        slope_next = (x_euler - pred_x0_next) / sig[i + 1]
+        x_tilde = x_tilde + (0.5 * dsig) * (slope + slope_next)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: name → sampler function (one signature, see the module docstring).
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ancestral": ancestral,
+    "ddim": ddim,
+    "dpmpp_2m": dpmpp_2m,
+    "heun": heun,
+}
+
+
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+    """The sampler registered as ``name``; ValueError naming the choices otherwise."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+# ---------------------------------------------------------------------------- façade entry
 def sample_loop(
     d: GaussianDiffusion,
     net: Net,
@@ -29,29 +310,31 @@ def sample_loop(
     x_T: torch.Tensor | None = None,
     t_start: int | None = None,
     progress: bool = False,
+    sampler: str | None = None,
+    spacing: str | None = None,
+    callback: Callback | None = None,
+    **sampler_opts: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """See :meth:`GaussianDiffusion.sample`; returns samples ``[B, C, H, W]`` (not clamped)."""
-    if eta is not None and eta < 0:
-        raise ValueError(f"eta={eta}: DDIM needs eta >= 0 (0 is deterministic)")
-    if steps is None or int(steps) == d.num_timesteps:
-        sched, model_timesteps = d, torch.arange(d.num_timesteps, device=d.betas.device)
-    else:
-        sched, model_timesteps = d.respaced(int(steps))
+    if sampler is None:  # the historical meaning of eta: None → ancestral, a float → DDIM
+        sampler = "ancestral" if eta is None else "ddim"
+    fn = get_sampler(sampler)
+    if eta is not None:
+        if sampler != "ddim":
+            raise ValueError(f"eta={eta} only applies to sampler='ddim', not sampler={sampler!r}")
+        if eta < 0:
+            raise ValueError(f"eta={eta}: DDIM needs eta >= 0 (0 is deterministic)")
+        sampler_opts["eta"] = eta
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: choose one of {list(SPACINGS)}")
+    if t_start is not None:
+        if sampler not in ("ancestral", "ddim"):
+            raise ValueError(f"t_start is supported by 'ancestral' and 'ddim', not {sampler!r}")
+        sampler_opts["t_start"] = t_start
     device, dtype = d.betas.device, d.betas.dtype
     shape = tuple(int(s) for s in shape)
-    batch = shape[0]
-
-    first = sched.num_timesteps - 1
-    if t_start is not None:
-        if x_T is None:
-            raise ValueError("t_start needs x_T, the x_t to start from")
-        matches = (model_timesteps == int(t_start)).nonzero()
-        if matches.numel() == 0:
-            raise ValueError(
-                f"t_start={t_start} is not one of the {sched.num_timesteps} kept timesteps; "
-                "use steps=None or a t_start from diffusion.respaced(steps)[1]"
-            )
-        first = int(matches[0, 0])
+    if t_start is not None and x_T is None:
+        raise ValueError("t_start needs x_T, the x_t to start from")
     if x_T is None:
         x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     else:
@@ -59,29 +342,83 @@ def sample_loop(
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
         x = x_T.to(device=device, dtype=dtype)
 
-    indices = range(first, -1, -1)
-    if progress:
-        from tqdm.auto import tqdm
+    chain: list[torch.Tensor] = []
 
-        indices = tqdm(indices, desc="sampling", leave=False)
+    def record(info: dict[str, Any]) -> None:
+        if return_pred_x0:
+            chain.append(info["pred_x0"])
+        if callback is not None:
+            callback(info)
+
+    use_callback = return_pred_x0 or callback is not None
+    x = fn(
+        d,
+        net,
+        x,
+        steps,
+        generator=generator,
+        clip_denoised=clip_denoised,
+        callback=record if use_callback else None,
+        spacing=spacing,
+        progress=progress,
+        **sampler_opts,
+    )
+    if return_pred_x0:
+        return x, torch.stack(chain)
+    return x
+
+
+# ---------------------------------------------------------------------------- internals
+def _respaced_chain(
+    d: GaussianDiffusion,
+    net: Net,
+    x: torch.Tensor,
+    steps: int | None,
+    eta: float | None,
+    generator: torch.Generator | None,
+    clip_denoised: bool,
+    callback: Callback | None,
+    spacing: str | None,
+    t_start: int | None,
+    progress: bool,
+) -> torch.Tensor:
+    """The ancestral (``eta=None``) / DDIM loop over a respaced child of ``d``."""
+    spacing = spacing or "linspace"
+    if steps is None or int(steps) == d.num_timesteps:
+        sched, model_timesteps = d, torch.arange(d.num_timesteps, device=d.betas.device)
+    else:
+        sched, model_timesteps = d.respaced(int(steps), spacing=spacing)
+    device, dtype = d.betas.device, d.betas.dtype
+    x = x.to(device=device, dtype=dtype)
+    shape, batch = tuple(x.shape), x.shape[0]
+
+    first = sched.num_timesteps - 1
+    if t_start is not None:
+        matches = (model_timesteps == int(t_start)).nonzero()
+        if matches.numel() == 0:
+            raise ValueError(
+                f"t_start={t_start} is not one of the {sched.num_timesteps} kept timesteps; "
+                "use steps=None or a t_start from diffusion.respaced(steps)[1]"
+            )
+        first = int(matches[0, 0])
+    # Only the callback needs host ints; one copy up front, none per step.
+    host_timesteps = model_timesteps.tolist() if callback is not None else None
+
     table_timesteps = torch.arange(sched.num_timesteps, device=device)
-    chain = []
-    for i in indices:
+    for step, i in enumerate(_maybe_progress(range(first, -1, -1), progress)):
         t = table_timesteps[i].expand(batch)
         out = sched.p_mean_variance(
             net(x, model_timesteps[i].expand(batch)), x, t, clip_denoised=clip_denoised
         )
+        if callback is not None:
+            callback({"i": step, "t": host_timesteps[i], "x": x, "pred_x0": out["pred_x0"]})
         if eta is None:
             x = out["mean"]
             if i > 0:
                 noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
                 x = x + torch.exp(0.5 * out["log_variance"]) * noise
         else:
-            x = _ddim_step(sched, x, t, out["pred_x0"], float(eta), i, generator)
-        if return_pred_x0:
-            chain.append(out["pred_x0"])
-    if return_pred_x0:
-        return x, torch.stack(chain)
+            x = _ddim_step(sched, x, t, out["pred_x0"], eta, i, generator)
     return x
 
 
@@ -111,3 +448,29 @@ def _ddim_step(
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_prev = x_prev + sigma * noise
     return x_prev
+
+
+def _ode_grid(
+    d: GaussianDiffusion, steps: int | None, spacing: str
+) -> tuple[list[int], torch.Tensor]:
+    """Visited original timesteps, descending (host ints), and their ᾱ ``[S]`` (host float64)."""
+    steps = d.num_timesteps if steps is None else int(steps)
+    kept = timestep_spacing(d, steps, spacing).flip(0)
+    abar = torch.cumprod(1.0 - d.betas_float64, 0)[kept]
+    return kept.tolist(), abar
+
+
+def _pred_x0(
+    d: GaussianDiffusion, net: Net, x: torch.Tensor, t: int, clip_denoised: bool
+) -> torch.Tensor:
+    """x̂₀ ``[B, ...]`` of the network at original timestep ``t`` via ``p_mean_variance``."""
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    return d.p_mean_variance(net(x, tt), x, tt, clip_denoised=clip_denoised)["pred_x0"]
+
+
+def _maybe_progress(indices: range, progress: bool):
+    if not progress:
+        return indices
+    from tqdm.auto import tqdm
+
+    return tqdm(indices, desc="sampling", leave=False)
