@@ -262,8 +262,6 @@ class DiffusionLitModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Continue this rank's saved random stream (exact resume, rank by rank)."""
         states = checkpoint.get("rng_states_per_rank")
-        if states is None and "rng_states" in checkpoint:  # single-process checkpoints
-            states = [checkpoint["rng_states"]]
         if not states:
             return
         world_size = self.trainer.world_size if self._trainer is not None else 1
