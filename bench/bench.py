@@ -715,14 +715,16 @@ def phase_eval(spec: dict[str, Any]) -> dict[str, Any]:
     diffusion.respaced(s["sample_steps"])
     diffusion.respaced(s["bpd_terms"])
     diffusion.sample(net, shape, generator=generator, steps=2)
-    diffusion.sample(net, shape, generator=generator, steps=2, eta=0.0)
+    diffusion.sample(net, shape, generator=generator, sampler="ddim", steps=2)
 
-    for sampler, eta in (("ancestral", None), ("ddim", 0.0)):
+    for sampler in ("ancestral", "ddim"):
         times = []
         for _ in range(s["sample_repeats"]):
             synchronize(device)
             start = time.perf_counter()
-            diffusion.sample(net, shape, generator=generator, steps=s["sample_steps"], eta=eta)
+            diffusion.sample(
+                net, shape, generator=generator, sampler=sampler, steps=s["sample_steps"]
+            )
             synchronize(device)
             times.append(time.perf_counter() - start)
         results[sampler] = {"chain_s": times, "nfe": s["sample_steps"], "batch": batch}
@@ -847,12 +849,15 @@ def phase_sync_check(spec: dict[str, Any]) -> dict[str, Any]:
     shape = (batch, *spec["image_shape"])
     generator = torch.Generator(device=device).manual_seed(spec["seed"])
     steps = SYNC_CHECK_SAMPLE_STEPS
-    for name, eta in (("sample_ancestral", None), ("sample_ddim", 0.0)):
-        module.diffusion.sample(module.ema_net, shape, generator=generator, steps=steps, eta=eta)
+    for sampler in ("ancestral", "ddim"):
+        name = f"sample_{sampler}"
+        module.diffusion.sample(
+            module.ema_net, shape, generator=generator, sampler=sampler, steps=steps
+        )
         counter = host_sync_counter(device)
         with counter:
             module.diffusion.sample(
-                module.ema_net, shape, generator=generator, steps=steps, eta=eta
+                module.ema_net, shape, generator=generator, sampler=sampler, steps=steps
             )
         result[name] = counter.summary(steps)
     return result

@@ -49,6 +49,7 @@ TINY = [
     "callbacks.model_checkpoint.every_n_train_steps=2",
     "callbacks.sample_grid.every_n_steps=0",
     "callbacks.sample_grid.num_samples=4",
+    "callbacks.sample_grid.sampler=ancestral",
     "callbacks.sample_grid.steps=null",
     "callbacks.sample_grid.eta=null",
     "module.lr_warmup_steps=2",

@@ -17,6 +17,7 @@ from ddpm.callbacks import NLLCallback, SampleQualityCallback
 from ddpm.data.common import UInt8ImageDataset
 from ddpm.data.digits import DigitsDataModule, load_digits_split
 from ddpm.diffusion import GaussianDiffusion, make_betas
+from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.lit_module import DiffusionLitModule
 from ddpm.metrics import INCEPTION_WEIGHTS_ENV, batch_seed, evaluate_nll, evaluate_sample_quality
 
@@ -41,15 +42,15 @@ def test_evaluate_nll_equals_core_nll_bpd() -> None:
         priors.append(out["prior"])
         terms.append(out["terms"])
     total = torch.cat(totals).double()
-    assert got["num_images"] == 10
+    assert got["nll_num_images"] == 10
     assert got["nll_bpd"] == pytest.approx(total.mean().item(), rel=1e-6)
-    assert got["prior_bpd"] == pytest.approx(torch.cat(priors).double().mean().item(), rel=1e-6)
+    assert got["nll_prior_bpd"] == pytest.approx(torch.cat(priors).double().mean().item(), rel=1e-6)
     expected_terms = torch.cat(terms).double().mean(dim=0).numpy()
     np.testing.assert_allclose(got["terms_bpd"], expected_terms, rtol=1e-6)
     assert got["terms_bpd"].shape == (T,)
-    assert got["decoder_bpd"] == pytest.approx(expected_terms[0], rel=1e-6)
+    assert got["nll_decoder_bpd"] == pytest.approx(expected_terms[0], rel=1e-6)
     # The total is the sum of the terms and the prior.
-    assert got["nll_bpd"] == pytest.approx(got["terms_bpd"].sum() + got["prior_bpd"], rel=1e-6)
+    assert got["nll_bpd"] == pytest.approx(got["terms_bpd"].sum() + got["nll_prior_bpd"], rel=1e-6)
     assert got["nll_bpd_stderr"] == pytest.approx(total.std().item() / np.sqrt(10), rel=1e-6)
     # A DataLoader is accepted: its dataset and batch size are used, never its sampler.
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True)
@@ -83,8 +84,8 @@ def test_callbacks_in_a_tiny_training_run(tmp_path: Path) -> None:
     quality = SampleQualityCallback(
         num_samples=20,
         batch_size=8,
+        sampler="ddim",
         steps=5,
-        eta=0.0,
         cache_dir=str(tmp_path / "cache"),
         progress=False,
     )
@@ -104,8 +105,7 @@ def test_callbacks_in_a_tiny_training_run(tmp_path: Path) -> None:
         datamodule,
         num_samples=20,
         batch_size=8,
-        steps=5,
-        eta=0.0,
+        sampler=SamplerSpec("ddim", 5),
         round_idx=2,
         cache_dir=tmp_path / "cache",
         progress=False,
@@ -118,7 +118,7 @@ def test_callbacks_in_a_tiny_training_run(tmp_path: Path) -> None:
     )
     assert trainer.callback_metrics["nll_bpd"].item() == pytest.approx(expected_nll["nll_bpd"])
     assert trainer.callback_metrics["nll_prior_bpd"].item() == pytest.approx(
-        expected_nll["prior_bpd"]
+        expected_nll["nll_prior_bpd"]
     )
     assert trainer.callback_metrics["nll_num_images"].item() == 6
     terms = np.load(tmp_path / "nll" / "terms_step0000002.npy")
@@ -136,8 +136,8 @@ def test_periodic_evaluation_runs_once_per_step(tmp_path: Path) -> None:
     quality = SampleQualityCallback(
         num_samples=4,
         batch_size=4,
+        sampler="ddim",
         steps=2,
-        eta=0.0,
         every_n_steps=2,
         on_train_end=True,
         cache_dir=str(tmp_path / "cache"),
@@ -171,8 +171,8 @@ def test_missing_inception_weights_warn_once_and_training_continues(
     quality = SampleQualityCallback(
         num_samples=10,
         batch_size=4,
+        sampler="ddim",
         steps=2,
-        eta=0.0,
         every_n_steps=1,
         feature_extractor="inception",
         cache_dir=str(tmp_path / "cache"),

@@ -92,6 +92,7 @@ def test_train_with_wandb_offline_then_sample_and_eval(tmp_path):
             "src/eval.py",
             f"ckpt_path={ckpt}",
             "sample_quality.num_samples=20",
+            "sample_quality.sampler=ddim",
             "sample_quality.steps=5",
             "sample_quality.eta=0.0",
             "nll.num_images=3",

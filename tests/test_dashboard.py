@@ -33,6 +33,7 @@ from ddpm.dashboard import (
     resolve_sections,
     sample_quality_keys,
 )
+from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.metrics.evaluate import name_sample_quality
 from ddpm.training import train
 
@@ -148,21 +149,27 @@ def test_every_key_a_panel_plots_is_logged_by_a_training_run(recorded):
 
 def test_sample_quality_regexes_match_every_protocol_name_and_nothing_else():
     names = {}
-    for kind, n, steps, eta in [
-        ("inception", 50_000, None, None),  # the paper's protocol: fid_50k
-        ("inception", 10_000, 100, 0.0),  # fid_10k_ddim100
-        ("inception", 1000, 250, None),  # respaced ancestral: fid_1k_ddpm250
-        ("inception", 2000, 50, 0.5),  # DDIM with eta: fid_2k_ddim50_eta0p5
-        ("digits", 1000, 50, 0.0),  # fd_digits_1k_ddim50
-        ("digits", 400, None, None),  # fd_digits_400
+    for kind, n, spec in [
+        ("inception", 50_000, SamplerSpec()),  # the paper's protocol: fid_50k
+        ("inception", 10_000, SamplerSpec("ddim", 100)),  # fid_10k_ddim100
+        ("inception", 1000, SamplerSpec("ancestral", 250)),  # respaced ancestral: fid_1k_ddpm250
+        ("inception", 2000, SamplerSpec("ddim", 50, 0.5)),  # fid_2k_ddim50_eta0p5
+        ("inception", 2000, SamplerSpec("ddim", 50, spacing="uniform")),  # fid_2k_ddim50_uniform
+        ("digits", 1000, SamplerSpec("ddim", 50)),  # fd_digits_1k_ddim50
+        ("digits", 1000, SamplerSpec("dpmpp_2m", 20)),  # fd_digits_1k_dpmpp20
+        ("digits", 1000, SamplerSpec("heun", 9, spacing="logsnr")),  # fd_digits_1k_heun9_logsnr
+        ("digits", 400, SamplerSpec()),  # fd_digits_400
     ]:
         raw = {"fd": 1.0, "is_mean": 2.0, "is_std": 0.1} if kind == "inception" else {"fd": 1.0}
-        names.update(name_sample_quality(raw, kind, n, steps, eta, 1000))
+        names.update(name_sample_quality(raw, kind, n, spec, 1000))
+    assert {"fd_digits_1k_dpmpp20", "fd_digits_1k_heun9_logsnr", "fid_2k_ddim50_uniform"} <= set(
+        names
+    )
     fd = {k for k in names if re.search(FD_REGEX, k)}
     is_ = {k for k in names if re.search(IS_REGEX, k)}
-    assert fd == {k for k in names if k.startswith(("fid_", "fd_digits_"))} and len(fd) == 6
+    assert fd == {k for k in names if k.startswith(("fid_", "fd_digits_"))} and len(fd) == 9
     assert is_ == {k for k in names if k.startswith("is_") and not k.endswith("_std")}
-    assert len(is_) == 4
+    assert len(is_) == 5
     for other in ("nll_bpd", "train/loss", "is_50k_std", "final_train_loss", "fid"):
         assert not re.search(FD_REGEX, other) and not re.search(IS_REGEX, other)
 

@@ -39,7 +39,7 @@ def test_one_end_of_training_evaluation_per_metric_sized_by_data_and_scale(
     cfg = compose_cfg(*overrides, tiny=False)
     quality, nll = _end_of_training(cfg)
     assert len(quality) == 1 and len(nll) == 1
-    assert quality[0].num_samples == num_samples and quality[0].steps == steps
+    assert quality[0].num_samples == num_samples and quality[0].sampler.steps == steps
     assert nll[0].num_images == nll_images
 
 
@@ -64,16 +64,16 @@ def test_eval_takes_its_sizes_from_the_run(compose_cfg):
     eval_cfg = compose_cfg(config_name="eval")
     digits_run = compose_cfg("data=digits", tiny=False)
     quality, nll = _evaluation_sizes(eval_cfg, digits_run)
-    assert (quality.num_samples, quality.steps, quality.eta) == (1000, 50, 0.0)
-    assert (nll.num_images, nll.batch_size) == (100, 100)
+    assert (quality.num_samples, quality.sampler, quality.steps) == (1000, "ddim", 50)
+    assert (nll.num_images, nll.batch_size, nll.estimator) == (100, 100, "full")
     cpu_run = compose_cfg("data=digits", "+scale=cpu", tiny=False)
     quality, _ = _evaluation_sizes(eval_cfg, cpu_run)
-    assert (quality.num_samples, quality.steps, quality.eta) == (400, None, None)
+    assert (quality.num_samples, quality.sampler, quality.steps) == (400, "ancestral", None)
     # CIFAR-10 checkpoints and released models keep the paper's protocol.
     for run in (compose_cfg("data=cifar10", tiny=False), None):
         quality, nll = _evaluation_sizes(eval_cfg, run)
-        assert (quality.num_samples, quality.steps, quality.eta) == (50_000, None, None)
-        assert nll.num_images == 10_000
+        assert (quality.num_samples, quality.sampler, quality.steps) == (50_000, "ancestral", None)
+        assert nll.num_images == 10_000 and nll.estimator == "full"
     # Given values win; a checkpoint without saved sizes asks for them by name.
     overridden = compose_cfg(
         "sample_quality.num_samples=20", "nll.num_images=3", config_name="eval"

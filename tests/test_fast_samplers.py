@@ -187,7 +187,8 @@ def test_deterministic_under_a_fixed_generator(name: str, opts: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    ("sampler", "eta"), [(None, None), (None, 0.0), (None, 1.0), ("dpmpp_2m", None), ("heun", None)]
+    ("sampler", "eta"),
+    [(None, None), ("ddim", 0.0), ("ddim", 1.0), ("dpmpp_2m", None), ("heun", None)],
 )
 def test_callback_sees_pred_x0_and_matches_return_pred_x0(sampler, eta) -> None:
     d = _d("eps", 50)
@@ -208,25 +209,21 @@ def test_callback_sees_pred_x0_and_matches_return_pred_x0(sampler, eta) -> None:
     assert ts == sorted(ts, reverse=True) and all(isinstance(t, int) for t in ts)
     assert torch.equal(torch.stack([info["pred_x0"] for info in seen]), chain)
     assert all(info["x"].shape == x.shape for info in seen)
-    if sampler is not None or eta == 0.0:  # deterministic solvers end at the last x̂₀
+    if sampler is not None and not eta:  # deterministic solvers end at the last x̂₀
         assert torch.equal(x, chain[-1])
 
 
-def test_old_calls_are_unchanged_by_the_registry() -> None:
-    """sampler=None keeps eta's meaning: identical to naming the sampler explicitly."""
+def test_sampler_none_is_ancestral_and_eta_needs_ddim() -> None:
+    """No sampler means ancestral; η never silently switches the sampler."""
     d = _d("eps", 50)
     net = _toy_net("eps", 50)
-    for eta, name in [(None, "ancestral"), (0.3, "ddim")]:
-        old = d.sample(net, (6, 1), generator=torch.Generator().manual_seed(3), steps=10, eta=eta)
-        new = d.sample(
-            net,
-            (6, 1),
-            generator=torch.Generator().manual_seed(3),
-            steps=10,
-            sampler=name,
-            **({} if eta is None else {"eta": eta}),
-        )
-        assert torch.equal(old, new)
+    default = d.sample(net, (6, 1), generator=torch.Generator().manual_seed(3), steps=10)
+    named = d.sample(
+        net, (6, 1), generator=torch.Generator().manual_seed(3), steps=10, sampler="ancestral"
+    )
+    assert torch.equal(default, named)
+    with pytest.raises(ValueError, match=r"eta=0.3 only applies to sampler='ddim'"):
+        d.sample(net, (6, 1), steps=10, eta=0.3)
 
 
 def test_errors_name_the_bad_value_and_the_choices() -> None:

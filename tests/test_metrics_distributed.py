@@ -183,8 +183,8 @@ def test_reference_statistics_sharded_equal_single_process(results) -> None:
 
 def test_nll_sharded_equals_single_process(results) -> None:
     r0, r1, single = results["r0"]["nll"], results["r1"]["nll"], results["single"]["nll"]
-    assert r0["num_images"] == N
-    for key in ("nll_bpd", "prior_bpd", "decoder_bpd", "nll_bpd_stderr"):
+    assert r0["nll_num_images"] == N
+    for key in ("nll_bpd", "nll_prior_bpd", "nll_decoder_bpd", "nll_bpd_stderr"):
         assert r0[key] == r1[key]
         assert r0[key] == pytest.approx(single[key], rel=1e-6), key
     np.testing.assert_allclose(r0["terms_bpd"], single["terms_bpd"], rtol=1e-6)

@@ -11,6 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.metrics import (
     FeatureStats,
     frechet_distance,
@@ -18,7 +19,6 @@ from ddpm.metrics import (
     mean_cov,
     metric_prefix,
     quantize_to_uint8,
-    sampler_tag,
 )
 from ddpm.metrics.distributed import shard_batches
 
@@ -214,10 +214,27 @@ def test_shard_batches_is_a_disjoint_cover_independent_of_world_size(n: int, bat
 
 
 def test_metric_names_state_the_protocol() -> None:
-    assert metric_prefix("fid", 50_000, None, None, 1000) == "fid_50k"
-    assert metric_prefix("fid", 50_000, 1000, None, 1000) == "fid_50k"
-    assert metric_prefix("fid", 10_000, 100, 0.0, 1000) == "fid_10k_ddim100"
-    assert metric_prefix("is", 10_000, 100, None, 1000) == "is_10k_ddpm100"
-    assert metric_prefix("fd_digits", 1000, 50, 0.0, 200) == "fd_digits_1k_ddim50"
-    assert metric_prefix("fid", 1500, None, 0.5, 1000) == "fid_1500_ddim1000_eta0p5"
-    assert sampler_tag(None, None, 20) == ""
+    assert metric_prefix("fid", 50_000, None, 1000) == "fid_50k"
+    assert metric_prefix("fid", 50_000, SamplerSpec("ancestral", 1000), 1000) == "fid_50k"
+    assert metric_prefix("fid", 10_000, SamplerSpec("ddim", 100, 0.0), 1000) == "fid_10k_ddim100"
+    assert metric_prefix("is", 10_000, SamplerSpec("ancestral", 100), 1000) == "is_10k_ddpm100"
+    assert metric_prefix("fd_digits", 1000, SamplerSpec("ddim", 50), 200) == "fd_digits_1k_ddim50"
+    assert metric_prefix("fid", 1500, SamplerSpec("ddim", eta=0.5), 1000) == (
+        "fid_1500_ddim1000_eta0p5"
+    )
+    # The fast samplers, and a spacing other than the sampler's default, are named too.
+    assert metric_prefix("fd_digits", 1000, SamplerSpec("dpmpp_2m", 20), 1000) == (
+        "fd_digits_1k_dpmpp20"
+    )
+    assert metric_prefix("fid", 50_000, SamplerSpec("heun", 18, spacing="karras"), 1000) == (
+        "fid_50k_heun18"
+    )
+    assert metric_prefix("fid", 10_000, SamplerSpec("ddim", 50, spacing="uniform"), 1000) == (
+        "fid_10k_ddim50_uniform"
+    )
+    assert metric_prefix("fid", 10_000, SamplerSpec("ddim", 50, spacing="linspace"), 1000) == (
+        "fid_10k_ddim50"
+    )
+    # All T steps visit every timestep: the spacing cannot matter and is not named.
+    assert SamplerSpec("ddim", None, spacing="trailing").tag(20) == "ddim20"
+    assert SamplerSpec().tag(20) == ""

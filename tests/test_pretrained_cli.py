@@ -41,6 +41,7 @@ def test_sample_and_eval_a_released_style_model_offline(tmp_path):
             *schedule,
             "data@pretrained_data=digits",
             "sample_quality.num_samples=10",
+            "sample_quality.sampler=ddim",
             "sample_quality.steps=5",
             "sample_quality.eta=0.0",
             "nll.num_images=2",

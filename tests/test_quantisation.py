@@ -44,6 +44,7 @@ class _FixedSamples(nn.Module):
         self.register_buffer("betas", torch.full((2,), 0.5))
         self.images = images
         self.start = 0
+        self.num_timesteps = 2
 
     def sample(self, net: nn.Module, shape: tuple[int, ...], **kwargs: object) -> torch.Tensor:
         batch = self.images[self.start : self.start + shape[0]]
@@ -82,7 +83,8 @@ def _sample_cli_bytes(images: torch.Tensor, tmp_path: Path, monkeypatch) -> np.n
             "device": "cpu",
             "sampler": "ancestral",
             "steps": None,
-            "eta": 0.0,
+            "eta": None,
+            "spacing": None,
             "ckpt_path": "unused.ckpt",
             "pretrained": None,
             "num_samples": NUM,

@@ -113,6 +113,7 @@ def _toy_samples(T, param, variance, steps, eta, seed=0) -> tuple[np.ndarray, np
         _toy_net(T, param),
         (N, 2),
         generator=torch.Generator().manual_seed(seed),
+        sampler="ancestral" if eta is None else "ddim",
         steps=steps,
         eta=eta,
         clip_denoised=False,
@@ -214,7 +215,12 @@ def test_shape_timesteps_and_range(steps: int | None, eta: float | None) -> None
     d = _d(dtype=torch.float32)
     net = RecordingNet(scale=3.0, offset=2.0)  # wild predictions: clipping must hold the range
     x = d.sample(
-        net, (3, 2, 4, 4), generator=torch.Generator().manual_seed(0), steps=steps, eta=eta
+        net,
+        (3, 2, 4, 4),
+        generator=torch.Generator().manual_seed(0),
+        sampler="ancestral" if eta is None else "ddim",
+        steps=steps,
+        eta=eta,
     )
     assert x.shape == (3, 2, 4, 4) and x.dtype == torch.float32
     # eps prediction with clip_denoised: the last step returns the clipped x̂₀.
@@ -231,7 +237,8 @@ def test_determinism_under_a_fixed_generator(steps: int | None, eta: float | Non
 
     def draw(seed: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
-        return d.sample(net, (2, 1, 3, 3), generator=gen, steps=steps, eta=eta)
+        sampler = "ancestral" if eta is None else "ddim"
+        return d.sample(net, (2, 1, 3, 3), generator=gen, sampler=sampler, steps=steps, eta=eta)
 
     state = torch.get_rng_state()
     a, b, c = draw(0), draw(0), draw(1)
@@ -243,7 +250,7 @@ def test_determinism_under_a_fixed_generator(steps: int | None, eta: float | Non
 def test_ddim_eta0_is_deterministic_given_x_T() -> None:
     d = _d()
     x_T = torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    kw = {"steps": 10, "eta": 0.0, "x_T": x_T}
+    kw = {"sampler": "ddim", "steps": 10, "eta": 0.0, "x_T": x_T}
     a = d.sample(RecordingNet(), (2, 1, 3, 3), generator=torch.Generator().manual_seed(0), **kw)
     b = d.sample(RecordingNet(), (2, 1, 3, 3), generator=torch.Generator().manual_seed(1), **kw)
     assert torch.equal(a, b)
@@ -257,7 +264,12 @@ def test_ddim_eta1_equals_ancestral_with_fixed_small(steps: int | None, clip: bo
     kw = {"steps": steps, "clip_denoised": clip}
     a = d.sample(RecordingNet(2.0), (3, 2, 2, 2), generator=torch.Generator().manual_seed(4), **kw)
     b = d.sample(
-        RecordingNet(2.0), (3, 2, 2, 2), generator=torch.Generator().manual_seed(4), eta=1.0, **kw
+        RecordingNet(2.0),
+        (3, 2, 2, 2),
+        generator=torch.Generator().manual_seed(4),
+        sampler="ddim",
+        eta=1.0,
+        **kw,
     )
     torch.testing.assert_close(a, b, rtol=0, atol=1e-10)  # float64
 
@@ -326,6 +338,7 @@ def test_pred_x0_chain_of_a_network_that_knows_x0(param, steps, eta) -> None:
         _knows_x0_net(T, x0, param),
         x0.shape,
         generator=gen,
+        sampler="ancestral" if eta is None else "ddim",
         steps=steps,
         eta=eta,
         clip_denoised=False,
@@ -371,6 +384,7 @@ def test_t_start_continues_from_a_given_x_t(param: str, steps: int | None, eta) 
         net,
         x0.shape,
         generator=gen,
+        sampler="ancestral" if eta is None else "ddim",
         steps=steps,
         eta=eta,
         x_T=x_t,
@@ -388,7 +402,12 @@ def test_sampler_argument_errors() -> None:
     net = RecordingNet()
     shape = (2, 1, 2, 2)
     with pytest.raises(ValueError, match="eta"):
-        d.sample(net, shape, eta=-0.5)
+        d.sample(net, shape, sampler="ddim", eta=-0.5)
+    # η belongs to DDIM: passing it without sampler="ddim" is refused, naming the fix.
+    with pytest.raises(
+        ValueError, match=r"eta=0.0 only applies to sampler='ddim'.*set sampler=ddim"
+    ):
+        d.sample(net, shape, steps=5, eta=0.0)
     with pytest.raises(ValueError):
         d.sample(net, shape, steps=1)
     with pytest.raises(ValueError, match="x_T"):

@@ -84,10 +84,10 @@ def test_sampling_through_the_wrapper_matches_the_plain_network():
     )
     net = _net()
     plain = diffusion.sample(net, (3, *SHAPE), generator=torch.Generator().manual_seed(2),
-                             steps=5, eta=0.0)  # fmt: skip
+                             sampler="ddim", steps=5)  # fmt: skip
     fast = fast_inference_net(_net(), channels_last=True)
     faster = diffusion.sample(fast, (3, *SHAPE), generator=torch.Generator().manual_seed(2),
-                              steps=5, eta=0.0)  # fmt: skip
+                              sampler="ddim", steps=5)  # fmt: skip
     assert (faster - plain).abs().max().item() < 1e-4
 
 

@@ -71,8 +71,12 @@ STEP_KEY = "trainer/global_step"
 
 # The protocol part of sample-quality names (ddpm.metrics.evaluate.metric_prefix): a sample
 # count (``50k`` or ``400``), then optionally the sampler (``ddpm250``, ``ddim100``,
-# ``ddim50_eta0p5``). JavaScript-compatible: W&B evaluates panel regexes in the browser.
-_PROTOCOL = r"_\d+k?(_(ddpm|ddim)\d+(_eta[0-9a-z.+-]+)?)?$"
+# ``ddim50_eta0p5``, ``dpmpp20``, ``heun9``) and a non-default spacing (``ddim50_uniform``).
+# JavaScript-compatible: W&B evaluates panel regexes in the browser.
+_PROTOCOL = (
+    r"_\d+k?(_(ddpm|ddim|dpmpp|heun)\d+(_eta[0-9a-z.+-]+)?"
+    r"(_(linspace|uniform|trailing|logsnr|karras))?)?$"
+)
 #: Every Fréchet-distance key, whatever the protocol: ``fid_50k``, ``fd_digits_1k_ddim50``.
 FD_REGEX = r"^(fid|fd_digits)" + _PROTOCOL
 #: Every Inception-score key (not its ``_std``): ``is_50k``, ``is_10k_ddim100``.
@@ -230,7 +234,7 @@ def sample_quality_keys(cfg: DictConfig) -> dict[str, list[str]]:
         if callback.compute_is and _has_logits(kind):
             raw.update(is_mean=0.0, is_std=0.0)
         names = name_sample_quality(
-            raw, kind, callback.num_samples, callback.steps, callback.eta, num_timesteps
+            raw, kind, callback.num_samples, callback.sampler, num_timesteps
         )
         fd_name, *is_names = names  # the Fréchet distance comes first, then IS and its std
         is_names = [n for n in is_names if not n.endswith("_std")]

@@ -13,7 +13,7 @@ from ddpm.builders import build_datamodule, ensure_writable_dir, load_for_infere
 from ddpm.errors import ConfigError
 from ddpm.metrics import evaluate_nll, evaluate_sample_quality
 from ddpm.models.speed import fast_inference_net, speed_options
-from ddpm.sampling_cli import resolve_device
+from ddpm.sampling_cli import resolve_device, sampler_spec
 from ddpm.training import write_json_atomic
 
 __all__ = ["evaluate"]
@@ -59,8 +59,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 num_samples=int(quality.num_samples),
                 batch_size=int(quality.batch_size),
                 seed=int(cfg.seed),
-                steps=quality.steps,
-                eta=quality.eta,
+                sampler=sampler_spec(quality, "sample_quality."),
                 inception_weights=cfg.metrics.inception_weights,
                 allow_download=bool(cfg.metrics.allow_download),
                 cache_dir=cfg.paths.cache_dir,
@@ -80,11 +79,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             seed=int(cfg.seed),
             device=device,
             batch_size=int(nll.batch_size),
+            estimator=str(nll.estimator),
+            num_terms=nll.get("num_terms"),
         )
-        terms = Path(output_dir) / "nll_terms.npy"
-        np.save(terms, result.pop("terms_bpd"))
-        metrics.update({k if k.startswith("nll") else f"nll_{k}": v for k, v in result.items()})
-        metrics["nll_terms_npy"] = str(terms)
+        terms = result.pop("terms_bpd", None)
+        metrics.update(result)
+        if terms is not None:
+            path = Path(output_dir) / "nll_terms.npy"
+            np.save(path, terms)
+            metrics["nll_terms_npy"] = str(path)
     metrics["wall_time_s"] = round(time.time() - start, 2)
     path = write_json_atomic(metrics, Path(output_dir) / "metrics.json")
     print(f"metrics: {path}", flush=True)

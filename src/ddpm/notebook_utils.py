@@ -128,6 +128,7 @@ def _shrink_for_tiny(cfg: DictConfig) -> None:
         if callbacks.get("sample_grid"):
             cfg.callbacks.sample_grid.every_n_steps = 0
             cfg.callbacks.sample_grid.num_samples = 4
+            cfg.callbacks.sample_grid.sampler = "ancestral"
             cfg.callbacks.sample_grid.steps = None  # all T steps (a strided count may exceed T)
             cfg.callbacks.sample_grid.eta = None
         if callbacks.get("nll"):
@@ -508,6 +509,7 @@ def _shrink_demo_callbacks(cfg: DictConfig) -> None:
             del cfg.callbacks["sample_quality"]
         if callbacks.get("sample_grid"):
             cfg.callbacks.sample_grid.every_n_steps = 0
+            cfg.callbacks.sample_grid.sampler = "ancestral"
             cfg.callbacks.sample_grid.steps = None
             cfg.callbacks.sample_grid.eta = None
         if callbacks.get("nll"):

@@ -11,11 +11,12 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ddpm.builders import ensure_writable_dir, load_for_inference
+from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.errors import ConfigError
 from ddpm.images import quantize_to_uint8, save_grid_png
 from ddpm.models.speed import fast_inference_net, speed_options
 
-__all__ = ["resolve_device", "sample", "sampler_kwargs"]
+__all__ = ["resolve_device", "sample", "sampler_spec"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,20 +26,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def sampler_kwargs(sampler: str, steps: int | None, eta: float) -> dict[str, Any]:
-    """``steps``/``eta`` arguments of :meth:`GaussianDiffusion.sample` for a sampler name."""
-    if sampler == "ancestral":
-        return {"steps": steps, "eta": None}
-    if sampler == "ddim":
-        return {"steps": steps, "eta": float(eta)}
-    raise ConfigError(f"unknown sampler {sampler!r}: choose 'ancestral' or 'ddim'")
+def sampler_spec(node: Any, where: str = "") -> SamplerSpec:
+    """The :class:`SamplerSpec` of a config node with ``sampler``, ``steps``, ``eta``, ``spacing``.
+
+    Raises:
+        ConfigError: an unknown sampler or spacing, ``eta`` without ``ddim``, bad ``steps``; the
+            message names the config keys (prefixed by ``where``, e.g. ``sample_quality.``).
+    """
+    try:
+        return SamplerSpec.from_config(node)
+    except ValueError as err:
+        raise ConfigError(f"{where}sampler/steps/eta/spacing: {err}") from None
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Write ``samples.png`` and ``samples.npz`` (uint8 ``[N, H, W, C]``) into ``cfg.output_dir``."""
     output_dir = ensure_writable_dir(cfg.output_dir)
     device = resolve_device(cfg.device)
-    kwargs = sampler_kwargs(cfg.sampler, cfg.steps, cfg.eta)
+    spec = sampler_spec(cfg)
     diffusion, net, image_shape, _ = load_for_inference(
         cfg.ckpt_path, cfg.pretrained, cfg.get("pretrained_diffusion"), device
     )
@@ -58,12 +63,14 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             generator=generator,
             clip_denoised=bool(cfg.clip_denoised),
             progress=True,
-            **kwargs,
+            **spec.kwargs(),
         )
         chunks.append(quantize_to_uint8(x).cpu())
     images = torch.cat(chunks)
     png = save_grid_png(images[:256], Path(output_dir) / "samples.png", scale=int(cfg.grid_scale))
     npz = Path(output_dir) / "samples.npz"
     np.savez_compressed(npz, images=images.permute(0, 2, 3, 1).numpy())
+    nfe = spec.nfe(diffusion.num_timesteps)
     print(f"samples: {png}\narrays:  {npz} ({num_samples} images, uint8 NHWC)", flush=True)
-    return {"png": str(png), "npz": str(npz), "num_samples": num_samples}
+    print(f"sampler: {spec.name}, {nfe} network evaluations per image", flush=True)
+    return {"png": str(png), "npz": str(npz), "num_samples": num_samples, "nfe": nfe}

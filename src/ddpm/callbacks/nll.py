@@ -10,7 +10,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ddpm.callbacks._evaluation import publish_metrics, unwrap_diffusion, unwrap_ema_net
-from ddpm.metrics.evaluate import evaluate_nll
+from ddpm.metrics.evaluate import NLL_ESTIMATORS, evaluate_nll, nll_metric_name
 
 __all__ = ["NLLCallback"]
 
@@ -20,16 +20,20 @@ _SPLITS = ("val", "test")
 
 
 class NLLCallback(pl.Callback):
-    """Full bound (all T terms + prior, discretised decoder) on a subset of the val/test split.
+    """The bound (prior + T terms, discretised decoder) on a subset of the val/test split.
 
     The first ``num_images`` images of the split are sharded across ranks (disjoint batches,
     gathered to rank 0; the result does not depend on the world size). Logged metrics (identical
-    on every rank in ``trainer.callback_metrics``): ``nll_bpd`` (total), ``nll_bpd_stderr``,
-    ``nll_prior_bpd`` (L_T) and ``nll_decoder_bpd`` (L₀). The per-timestep terms (mean Lₜ over
-    images, ``[T]``) go to W&B as a line plot when a ``WandbLogger`` is attached, and are always
-    saved as ``<run dir>/nll/terms_step{step:07d}.npy``.
+    on every rank in ``trainer.callback_metrics``; :func:`~ddpm.metrics.evaluate.evaluate_nll`):
+    ``nll_bpd`` (total), ``nll_bpd_stderr``, ``nll_prior_bpd`` (L_T), ``nll_decoder_bpd`` (L₀)
+    and ``nll_num_images``. With ``estimator="stratified"`` the total is the unbiased estimate
+    from ``num_terms`` = K terms per image, named ``nll_bpd_k{K}`` (with ``_stderr`` and
+    ``_estimator_stderr``). For the full bound the per-timestep terms (mean Lₜ over images,
+    ``[T]``) go to W&B as a line plot when a ``WandbLogger`` is attached, and are always saved
+    as ``<run dir>/nll/terms_step{step:07d}.npy``.
 
-    Cost: ``T`` network evaluations per image (1000 × 1000 images = 1M forward passes).
+    Cost: ``T`` network evaluations per image for the full bound (1000 × 1000 images = 1M
+    forward passes), K for the stratified estimate.
 
     Args:
         num_images: held-out images evaluated (from index 0; capped at the split size).
@@ -40,6 +44,8 @@ class NLLCallback(pl.Callback):
         seed: seeds the noise of each batch (with the image index).
         save_terms: write the per-timestep terms as ``.npy`` in the run directory.
         progress: tqdm bar on rank 0.
+        estimator: ``"full"`` (the paper's protocol) or ``"stratified"``.
+        num_terms: K for ``"stratified"`` (2 ≤ K ≤ T).
     """
 
     def __init__(
@@ -52,6 +58,8 @@ class NLLCallback(pl.Callback):
         seed: int = 0,
         save_terms: bool = True,
         progress: bool = True,
+        estimator: str = "full",
+        num_terms: int | None = None,
     ) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
@@ -59,6 +67,12 @@ class NLLCallback(pl.Callback):
             raise ValueError(
                 f"num_images and batch_size must be >= 1, got {num_images}, {batch_size}"
             )
+        if estimator not in NLL_ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}: choose one of {NLL_ESTIMATORS}")
+        if estimator == "stratified" and (num_terms is None or int(num_terms) < 2):
+            raise ValueError(f"estimator='stratified' needs num_terms >= 2, got {num_terms}")
+        self.estimator = estimator
+        self.num_terms = None if num_terms is None else int(num_terms)
         self.num_images = int(num_images)
         self.batch_size = int(batch_size)
         self.split = split
@@ -108,26 +122,25 @@ class NLLCallback(pl.Callback):
             device=diffusion.betas.device,
             batch_size=self.batch_size,
             progress=self.progress,
+            estimator=self.estimator,
+            num_terms=self.num_terms,
         )
-        publish_metrics(
-            trainer,
-            {
-                "nll_bpd": result["nll_bpd"],
-                "nll_bpd_stderr": result["nll_bpd_stderr"],
-                "nll_prior_bpd": result["prior_bpd"],
-                "nll_decoder_bpd": result["decoder_bpd"],
-                "nll_num_images": float(result["num_images"]),
-            },
-        )
+        terms = result.pop("terms_bpd", None)
+        publish_metrics(trainer, {k: float(v) for k, v in result.items()})
         if trainer.is_global_zero:
-            self._write_terms(trainer, result["terms_bpd"], step)
+            if terms is not None:
+                self._write_terms(trainer, terms, step)
+            name = nll_metric_name(self.estimator, self.num_terms, diffusion.num_timesteps)
             log.info(
-                "step %d: nll_bpd=%.4f ± %.4f on %d images",
+                "step %d: %s=%.4f ± %.4f on %d images",
                 step,
-                result["nll_bpd"],
-                result["nll_bpd_stderr"],
-                result["num_images"],
+                name,
+                result[name],
+                result[f"{name}_stderr"],
+                result["nll_num_images"],
             )
+        if terms is not None:
+            result["terms_bpd"] = terms
         self.last_result = result
         return result
 

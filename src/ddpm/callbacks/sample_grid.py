@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.images import save_grid_png
 
 __all__ = ["SampleGridCallback"]
@@ -25,8 +26,10 @@ class SampleGridCallback(pl.Callback):
     Args:
         every_n_steps: interval in optimiser steps; 0 disables periodic grids.
         num_samples: images in the grid.
-        steps: sampler steps (None: all T, ancestral).
-        eta: None for ancestral sampling, a float for DDIM.
+        sampler: ``ancestral``, ``ddim``, ``dpmpp_2m`` or ``heun``.
+        steps: timesteps the sampler visits (None: all T).
+        eta: DDIM's η (None: 0); only with ``sampler="ddim"``.
+        spacing: timestep spacing (None: the sampler's default).
         seed: seed of the fixed noise.
         dirname: sub-directory of the run directory for the PNGs.
         scale: nearest-neighbour upscaling of the PNG (small images such as 8×8 digits).
@@ -36,16 +39,17 @@ class SampleGridCallback(pl.Callback):
         self,
         every_n_steps: int = 5000,
         num_samples: int = 64,
+        sampler: str = "ancestral",
         steps: int | None = None,
         eta: float | None = None,
+        spacing: str | None = None,
         seed: int = 0,
         dirname: str = "samples",
         scale: int = 1,
     ) -> None:
         self.every_n_steps = int(every_n_steps)
         self.num_samples = int(num_samples)
-        self.steps = steps
-        self.eta = eta
+        self.sampler = SamplerSpec(sampler, steps, eta, spacing)
         self.seed = int(seed)
         self.dirname = dirname
         self.scale = int(scale)
@@ -62,7 +66,7 @@ class SampleGridCallback(pl.Callback):
         generator = torch.Generator(device=device).manual_seed(self.seed)
         shape = (self.num_samples, *pl_module.image_shape)
         return pl_module.diffusion.sample(
-            pl_module.ema_net, shape, generator=generator, steps=self.steps, eta=self.eta
+            pl_module.ema_net, shape, generator=generator, **self.sampler.kwargs()
         )
 
     @rank_zero_only

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ddpm.callbacks._evaluation import publish_metrics, unwrap_diffusion, unwrap_ema_net
+from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.metrics.evaluate import (
     build_feature_extractor,
     compute_sample_quality,
@@ -36,7 +37,7 @@ class SampleQualityCallback(pl.Callback):
 
     Metric names state the protocol (:func:`~ddpm.metrics.evaluate.metric_prefix`):
     ``fid_50k`` / ``is_50k`` / ``is_50k_std`` for the full sampler, ``fid_10k_ddim100`` for DDIM
-    with 100 steps, ``fd_digits_1k_ddim50`` for the digits proxy.
+    with 100 steps, ``fd_digits_1k_dpmpp20`` for the digits proxy under DPM-Solver++(2M).
 
     When the Inception weights cannot be found or downloaded, the callback warns once and
     disables itself; training continues.
@@ -48,8 +49,12 @@ class SampleQualityCallback(pl.Callback):
         on_train_end: also evaluate at the end of training (skipped if the last periodic
             evaluation was at the final step). A periodic callback leaves the final step of a
             ``max_steps`` run to another callback that evaluates at the end of training.
-        steps: sampler steps; None = all T (required for the headline numbers).
-        eta: None = ancestral sampling; a float = DDIM with that η.
+        sampler: ``ancestral``, ``ddim``, ``dpmpp_2m`` or ``heun``
+            (:class:`~ddpm.diffusion.sampling.SamplerSpec`).
+        steps: timesteps the sampler visits; None = all T (the headline numbers use the full
+            ancestral sampler).
+        eta: DDIM's η (None: 0); only with ``sampler="ddim"``.
+        spacing: timestep spacing; None is the sampler's default (named in the metric otherwise).
         seed: sampling seed (combined with the global step and the sample index).
         feature_extractor: ``"auto"`` (digits datamodule → ``"digits"``, else ``"inception"``),
             ``"inception"`` or ``"digits"``.
@@ -72,8 +77,10 @@ class SampleQualityCallback(pl.Callback):
         batch_size: int = 250,
         every_n_steps: int | None = None,
         on_train_end: bool = True,
+        sampler: str = "ancestral",
         steps: int | None = None,
         eta: float | None = None,
+        spacing: str | None = None,
         seed: int = 0,
         feature_extractor: str = "auto",
         inception_weights: str | None = None,
@@ -94,8 +101,7 @@ class SampleQualityCallback(pl.Callback):
         self.batch_size = int(batch_size)
         self.every_n_steps = int(every_n_steps or 0)
         self.run_on_train_end = bool(on_train_end)
-        self.steps = None if steps is None else int(steps)
-        self.eta = None if eta is None else float(eta)
+        self.sampler = SamplerSpec(sampler, steps, eta, spacing)
         self.seed = int(seed)
         self.feature_extractor = feature_extractor
         self.inception_weights = inception_weights or None
@@ -222,8 +228,7 @@ class SampleQualityCallback(pl.Callback):
             batch_size=self.batch_size,
             seed=self.seed,
             round_idx=step,
-            steps=self.steps,
-            eta=self.eta,
+            sampler=self.sampler,
             device=diffusion.betas.device,
             compute_is=self.compute_is,
             is_splits=self.is_splits,
@@ -232,7 +237,7 @@ class SampleQualityCallback(pl.Callback):
             progress=self.progress,
         )
         metrics = name_sample_quality(
-            raw, self.kind, self.num_samples, self.steps, self.eta, diffusion.num_timesteps
+            raw, self.kind, self.num_samples, self.sampler, diffusion.num_timesteps
         )
         publish_metrics(trainer, metrics)
         if trainer.is_global_zero:

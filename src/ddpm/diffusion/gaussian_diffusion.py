@@ -508,8 +508,9 @@ class GaussianDiffusion(nn.Module):
             shape: ``(B, C, H, W)``.
             generator: the only source of randomness (on the buffers' device); None uses torch's
                 global RNG.
-            steps: number of steps; None means all T (Algorithm 2), fewer uses strided respacing.
-            eta: None for ancestral sampling; a float for DDIM (0 deterministic, 1 ≈ ancestral).
+            steps: number of timesteps visited; None means all T (Algorithm 2 for ``ancestral``),
+                fewer respaces the chain (see ``spacing``).
+            eta: DDIM's η, only with ``sampler="ddim"`` (None there means 0, deterministic).
             clip_denoised: clip x̂₀ to [-1, 1] at every step, as the official sampler does.
             return_pred_x0: also return x̂₀ along the chain, ``[steps, B, C, H, W]`` (first = t=T).
             x_T: start from this noise instead of drawing it (or from this x_t with ``t_start``).
@@ -517,8 +518,7 @@ class GaussianDiffusion(nn.Module):
                 interpolation and conceptual compression); it must be one of the kept steps.
             progress: show a progress bar.
             sampler: a name from :data:`~ddpm.diffusion.sampling.SAMPLERS` (``ancestral``,
-                ``ddim``, ``dpmpp_2m``, ``heun``); None keeps the ``eta`` rule above. ``eta`` is
-                only accepted with ``ddim`` (default 0 there).
+                ``ddim``, ``dpmpp_2m``, ``heun``); None is ``ancestral``.
             spacing: timestep spacing (``linspace``, ``uniform``, ``trailing``, ``logsnr``,
                 ``karras``); None is the sampler's default
                 (:data:`~ddpm.diffusion.sampling.DEFAULT_SPACING`).

@@ -4,6 +4,9 @@ Every sampler has the same signature (k-diffusion's shape, adapted to the discre
 
     sampler_fn(d, net, x_T, steps, *, generator, clip_denoised, callback, spacing, **opts) -> x0
 
+A :class:`SamplerSpec` names one sampling protocol (sampler, steps, η, spacing) for the
+configs, the evaluation code and the metric names (``spec.tag(T)``: ``ddim50``, ``dpmpp20``).
+
 ``x_T`` is the starting noise ``[B, ...]``, ``steps`` the number of network timesteps visited
 (None: all T), and ``callback(info)`` is called once per step with at least ``i`` (step number,
 0 = noisiest), ``t`` (original timestep index, int), ``x`` (the state x_t entering the step) and
@@ -20,7 +23,8 @@ are host float64 scalars computed once per call.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +36,7 @@ __all__ = [
     "DEFAULT_SPACING",
     "SAMPLERS",
     "SPACINGS",
+    "SamplerSpec",
     "ancestral",
     "ddim",
     "dpmpp_2m",
@@ -297,6 +302,92 @@ def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     return SAMPLERS[name]
 
 
+#: Short names of the samplers in metric keys (``fd_digits_1k_dpmpp20``).
+_TAG_NAMES = {"ancestral": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpmpp", "heun": "heun"}
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One sampling protocol: which sampler, how many steps, DDIM's η and the timestep spacing.
+
+    Attributes:
+        name: a key of :data:`SAMPLERS`.
+        steps: timesteps visited (None: all T). Heun's S steps cost 2S − 1 network evaluations.
+        eta: DDIM's η (None → 0, deterministic); refused for the other samplers.
+        spacing: one of :data:`SPACINGS`; None is the sampler's :data:`DEFAULT_SPACING`.
+
+    Raises:
+        ValueError: unknown sampler or spacing, ``eta`` without ``ddim``, ``steps`` < 2.
+    """
+
+    name: str = "ancestral"
+    steps: int | None = None
+    eta: float | None = None
+    spacing: str | None = None
+
+    def __post_init__(self) -> None:
+        get_sampler(self.name)
+        if self.steps is not None:
+            if int(self.steps) < 2:
+                raise ValueError(f"steps={self.steps}: a sampler needs at least 2 steps (or null)")
+            object.__setattr__(self, "steps", int(self.steps))
+        if self.eta is not None:
+            if self.name != "ddim":
+                raise ValueError(
+                    f"eta={self.eta} only applies to sampler='ddim', not sampler={self.name!r}; "
+                    "drop eta or set sampler=ddim"
+                )
+            if float(self.eta) < 0:
+                raise ValueError(f"eta={self.eta}: DDIM needs eta >= 0 (0 is deterministic)")
+            object.__setattr__(self, "eta", float(self.eta))
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {self.spacing!r}: choose one of {list(SPACINGS)}")
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any] | Any) -> SamplerSpec:
+        """From a mapping (e.g. a config node) with ``sampler`` and optional ``steps``, ``eta``,
+        ``spacing`` keys."""
+        get = node.get if hasattr(node, "get") else lambda key, default=None: default
+        return cls(
+            name=str(get("sampler", "ancestral") or "ancestral"),
+            steps=get("steps", None),
+            eta=get("eta", None),
+            spacing=get("spacing", None) or None,
+        )
+
+    def effective_spacing(self) -> str:
+        """The spacing the sampler uses (the default when ``spacing`` is None)."""
+        return self.spacing or DEFAULT_SPACING[self.name]
+
+    def nfe(self, num_timesteps: int) -> int:
+        """Network evaluations per sample: S, or 2S − 1 for Heun."""
+        steps = int(num_timesteps) if self.steps is None else self.steps
+        return 2 * steps - 1 if self.name == "heun" else steps
+
+    def tag(self, num_timesteps: int) -> str:
+        """The protocol part of a metric name.
+
+        ``""`` for the full ancestral sampler (all T steps, the paper's protocol); otherwise a
+        short sampler name and the step count, ``ddpm{S}`` (respaced ancestral), ``ddim{S}``,
+        ``dpmpp{S}``, ``heun{S}``; then ``_eta{η}`` for DDIM with η ≠ 0 (``.`` written ``p``),
+        and ``_{spacing}`` when a respaced run uses a spacing other than the sampler's default.
+        """
+        T = int(num_timesteps)
+        steps = T if self.steps is None else self.steps
+        if self.name == "ancestral" and steps == T:
+            return ""
+        tag = f"{_TAG_NAMES[self.name]}{steps}"
+        if self.eta:
+            tag += f"_eta{self.eta:g}".replace(".", "p")
+        if steps < T and self.effective_spacing() != DEFAULT_SPACING[self.name]:
+            tag += f"_{self.spacing}"
+        return tag
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`GaussianDiffusion.sample` for this protocol."""
+        return {"sampler": self.name, "steps": self.steps, "eta": self.eta, "spacing": self.spacing}
+
+
 # ---------------------------------------------------------------------------- façade entry
 def sample_loop(
     d: GaussianDiffusion,
@@ -316,20 +407,13 @@ def sample_loop(
     **sampler_opts: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """See :meth:`GaussianDiffusion.sample`; returns samples ``[B, C, H, W]`` (not clamped)."""
-    if sampler is None:  # the historical meaning of eta: None → ancestral, a float → DDIM
-        sampler = "ancestral" if eta is None else "ddim"
-    fn = get_sampler(sampler)
-    if eta is not None:
-        if sampler != "ddim":
-            raise ValueError(f"eta={eta} only applies to sampler='ddim', not sampler={sampler!r}")
-        if eta < 0:
-            raise ValueError(f"eta={eta}: DDIM needs eta >= 0 (0 is deterministic)")
-        sampler_opts["eta"] = eta
-    if spacing is not None and spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}: choose one of {list(SPACINGS)}")
+    spec = SamplerSpec(sampler or "ancestral", steps, eta, spacing)  # validates every argument
+    fn = get_sampler(spec.name)
+    if spec.eta is not None:
+        sampler_opts["eta"] = spec.eta
     if t_start is not None:
-        if sampler not in ("ancestral", "ddim"):
-            raise ValueError(f"t_start is supported by 'ancestral' and 'ddim', not {sampler!r}")
+        if spec.name not in ("ancestral", "ddim"):
+            raise ValueError(f"t_start is supported by 'ancestral' and 'ddim', not {spec.name!r}")
         sampler_opts["t_start"] = t_start
     device, dtype = d.betas.device, d.betas.dtype
     shape = tuple(int(s) for s in shape)

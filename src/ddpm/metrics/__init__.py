@@ -20,7 +20,6 @@ from ddpm.metrics.evaluate import (
     metric_prefix,
     name_sample_quality,
     resolve_extractor_kind,
-    sampler_tag,
 )
 from ddpm.metrics.features import (
     FeatureExtractor,
@@ -75,6 +74,5 @@ __all__ = [
     "reference_statistics",
     "resolve_extractor_kind",
     "resolve_inception_weights",
-    "sampler_tag",
     "sha256_file",
 ]

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.metrics.distributed import (
     all_ranks_agree,
     barrier,
@@ -44,45 +45,35 @@ from ddpm.metrics.reference import dataset_name_of, reference_statistics
 from ddpm.metrics.sampling import _EvalMode, batch_seed, iter_sample_batches
 
 __all__ = [
+    "NLL_ESTIMATORS",
     "build_feature_extractor",
     "compute_nll",
     "compute_sample_quality",
     "evaluate_nll",
     "evaluate_sample_quality",
     "metric_prefix",
+    "name_sample_quality",
+    "nll_metric_name",
     "resolve_extractor_kind",
-    "sampler_tag",
 ]
 
 EXTRACTOR_KINDS = ("auto", "inception", "digits")
 
 
 # ---------------------------------------------------------------------------- naming
-def sampler_tag(steps: int | None, eta: float | None, num_timesteps: int) -> str:
-    """Short sampler name for metric keys.
-
-    ``""`` for the full ancestral sampler (all T steps, the paper's protocol), ``ddpm{k}`` for
-    ancestral sampling respaced to k steps, ``ddim{k}`` for DDIM with η = 0 and
-    ``ddim{k}_eta{η}`` (``.`` written as ``p``) otherwise.
-    """
-    k = num_timesteps if steps is None else int(steps)
-    if eta is None:
-        return "" if k == num_timesteps else f"ddpm{k}"
-    tag = f"ddim{k}"
-    if float(eta) != 0.0:
-        tag += f"_eta{float(eta):g}".replace(".", "p")
-    return tag
-
-
 def _count_tag(n: int) -> str:
     return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
 
 
 def metric_prefix(
-    metric: str, num_samples: int, steps: int | None, eta: float | None, num_timesteps: int
+    metric: str, num_samples: int, sampler: SamplerSpec | None, num_timesteps: int
 ) -> str:
-    """Metric key saying the protocol: ``fid_50k``, ``fid_10k_ddim100``, ``fd_digits_1k_ddim50``."""
-    parts = [metric, _count_tag(int(num_samples)), sampler_tag(steps, eta, num_timesteps)]
+    """Metric key saying the protocol: ``fid_50k``, ``fid_10k_ddim100``, ``fd_digits_1k_dpmpp20``.
+
+    The sampler part is :meth:`SamplerSpec.tag` (empty for the full ancestral sampler).
+    """
+    tag = (sampler or SamplerSpec()).tag(num_timesteps)
+    parts = [metric, _count_tag(int(num_samples)), tag]
     return "_".join(p for p in parts if p)
 
 
@@ -179,8 +170,7 @@ def compute_sample_quality(
     batch_size: int,
     seed: int,
     round_idx: int = 0,
-    steps: int | None = None,
-    eta: float | None = None,
+    sampler: SamplerSpec | None = None,
     device: torch.device | str | None = None,
     compute_is: bool = True,
     is_splits: int = 10,
@@ -213,8 +203,7 @@ def compute_sample_quality(
         batch_size,
         seed,
         round_idx,
-        steps=steps,
-        eta=eta,
+        sampler=sampler,
         device=device,
         clip_denoised=clip_denoised,
         rank=rank,
@@ -262,8 +251,7 @@ def evaluate_sample_quality(
     num_samples: int = 50_000,
     batch_size: int = 250,
     seed: int = 0,
-    steps: int | None = None,
-    eta: float | None = None,
+    sampler: SamplerSpec | None = None,
     inception_weights: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     device: torch.device | str | None = None,
@@ -286,7 +274,7 @@ def evaluate_sample_quality(
         num_samples: N (50 000 for the paper's protocol).
         batch_size: sampling batch size (one global batch runs on one rank).
         seed: sampling seed; with ``round_idx`` it fixes the images for any world size.
-        steps, eta: sampler (None, None = full ancestral sampler, the paper's protocol).
+        sampler: the sampling protocol (None: the full ancestral sampler, the paper's).
         inception_weights: weights file (else ``$DDPM_INCEPTION_WEIGHTS``, torch hub's cache, a
             download into it); ignored for digits.
         cache_dir: for reference statistics and the digits classifier.
@@ -332,8 +320,7 @@ def evaluate_sample_quality(
         batch_size=batch_size,
         seed=seed,
         round_idx=round_idx,
-        steps=steps,
-        eta=eta,
+        sampler=sampler,
         device=device,
         compute_is=compute_is,
         is_splits=is_splits,
@@ -341,22 +328,21 @@ def evaluate_sample_quality(
         clip_denoised=clip_denoised,
         progress=progress,
     )
-    return name_sample_quality(raw, kind, num_samples, steps, eta, diffusion.num_timesteps)  # type: ignore[arg-type]
+    return name_sample_quality(raw, kind, num_samples, sampler, diffusion.num_timesteps)  # type: ignore[arg-type]
 
 
 def name_sample_quality(
     raw: dict[str, float],
     kind: str,
     num_samples: int,
-    steps: int | None,
-    eta: float | None,
+    sampler: SamplerSpec | None,
     num_timesteps: int,
 ) -> dict[str, float]:
     """Rename :func:`compute_sample_quality`'s keys to protocol-bearing metric names."""
     fd_name = "fid" if kind == "inception" else "fd_digits"
-    out = {metric_prefix(fd_name, num_samples, steps, eta, num_timesteps): raw["fd"]}
+    out = {metric_prefix(fd_name, num_samples, sampler, num_timesteps): raw["fd"]}
     if "is_mean" in raw:
-        is_key = metric_prefix("is", num_samples, steps, eta, num_timesteps)
+        is_key = metric_prefix("is", num_samples, sampler, num_timesteps)
         out[is_key] = raw["is_mean"]
         out[f"{is_key}_std"] = raw["is_std"]
     if raw.get("nonfinite_fraction", 0.0) > 0:
@@ -366,7 +352,7 @@ def name_sample_quality(
             RuntimeWarning,
             stacklevel=2,
         )
-        out[metric_prefix("nonfinite_frac", num_samples, steps, eta, num_timesteps)] = raw[
+        out[metric_prefix("nonfinite_frac", num_samples, sampler, num_timesteps)] = raw[
             "nonfinite_fraction"
         ]
     return out
@@ -379,6 +365,29 @@ def _as_dataset(data: Dataset | DataLoader) -> tuple[Dataset, int | None]:
     return data, None
 
 
+#: Bound estimators: ``full`` sums all T terms (the paper's protocol); ``stratified`` draws one
+#: term per stratum of t (:meth:`~ddpm.diffusion.GaussianDiffusion.nll_bpd_stratified`).
+NLL_ESTIMATORS = ("full", "stratified")
+
+
+def nll_metric_name(estimator: str, num_terms: int | None, num_timesteps: int) -> str:
+    """``nll_bpd`` for the full bound (or K = T); ``nll_bpd_k{K}`` for the stratified estimate.
+
+    Raises:
+        ValueError: unknown estimator, or ``stratified`` without 2 ≤ ``num_terms`` ≤ T.
+    """
+    if estimator not in NLL_ESTIMATORS:
+        raise ValueError(f"unknown nll estimator {estimator!r}: choose one of {NLL_ESTIMATORS}")
+    if estimator == "full":
+        return "nll_bpd"
+    if num_terms is None or not 2 <= int(num_terms) <= int(num_timesteps):
+        raise ValueError(
+            f"nll.estimator=stratified needs nll.num_terms between 2 and T={num_timesteps}, "
+            f"got {num_terms}"
+        )
+    return "nll_bpd" if int(num_terms) == int(num_timesteps) else f"nll_bpd_k{int(num_terms)}"
+
+
 def compute_nll(
     diffusion: nn.Module,
     net: nn.Module,
@@ -389,17 +398,22 @@ def compute_nll(
     seed: int,
     device: torch.device | str | None = None,
     progress: bool = True,
+    estimator: str = "full",
+    num_terms: int | None = None,
 ) -> dict[str, Any]:
-    """The full bound on images ``0 .. num_images − 1`` of ``dataset``, sharded (collective).
+    """The bound on images ``0 .. num_images − 1`` of ``dataset``, sharded (collective).
 
-    Batch ``b`` (images ``[b·batch_size, …)``) runs on rank ``b % world_size`` with
-    ``diffusion.nll_bpd(net, x0, generator=torch.Generator(device).manual_seed(
-    batch_seed(seed, 0, start, "nll")))``; so the result does not depend on the world size.
+    Batch ``b`` (images ``[b·batch_size, …)``) runs on rank ``b % world_size`` with a generator
+    ``torch.Generator(device).manual_seed(batch_seed(seed, 0, start, "nll"))`` passed to
+    ``diffusion.nll_bpd`` (``estimator="full"``) or ``diffusion.nll_bpd_stratified`` with
+    ``num_terms`` (``"stratified"``); so the result does not depend on the world size.
 
-    Returns (on every rank):
-        ``total [n]``, ``prior [n]`` float64 numpy arrays per image (in index order) and
-        ``terms_mean [T]`` float64 (mean over images of each Lₜ, index 0 = decoder), all bits/dim.
+    Returns (on every rank), float64 numpy arrays in bits/dim in image-index order:
+        ``total [n]``, ``prior [n]``, ``decoder [n]`` (L₀), and ``terms_mean [T]`` (mean over
+        images of each Lₜ, index 0 = decoder) for ``full`` or ``estimator_var [n]`` (the
+        per-image collapsed-strata variance of the estimate) for ``stratified``.
     """
+    nll_metric_name(estimator, num_terms, diffusion.num_timesteps)  # validates the arguments
     rank, world_size = dist_info()
     n = min(int(num_images), len(dataset))  # type: ignore[arg-type]
     if n < 1:
@@ -413,7 +427,7 @@ def compute_nll(
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc=f"bits/dim on {n} images", unit="batch", leave=False)
-    local: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+    local: list[tuple[int, dict[str, np.ndarray]]] = []
     with _EvalMode(net), torch.no_grad():
         for start, stop in iterator:
             x0 = torch.stack([_first(dataset[i]) for i in range(start, stop)])
@@ -421,27 +435,35 @@ def compute_nll(
             generator = torch.Generator(device=device).manual_seed(
                 batch_seed(seed, 0, start, "nll")
             )
-            out = diffusion.nll_bpd(net, x0, generator=generator)  # type: ignore[operator]
-            local.append(
-                (
-                    start,
-                    out["total"].double().cpu().numpy(),
-                    out["prior"].double().cpu().numpy(),
-                    out["terms"].double().sum(dim=0).cpu().numpy(),
+            if estimator == "full":
+                out = diffusion.nll_bpd(net, x0, generator=generator)  # type: ignore[operator]
+                extra = {"terms_sum": out["terms"].double().sum(dim=0)}
+            else:
+                out = diffusion.nll_bpd_stratified(  # type: ignore[operator]
+                    net, x0, int(num_terms), generator=generator
                 )
-            )
+                extra = {"estimator_var": out["stderr"].double().square()}
+            fields = {
+                "total": out["total"].double(),
+                "prior": out["prior"].double(),
+                "decoder": out["terms"][:, 0].double(),
+                **extra,
+            }
+            local.append((start, {k: v.cpu().numpy() for k, v in fields.items()}))
     parts = gather_to_rank0(local)
     result: dict[str, Any] | None = None
     if parts is not None:
         blocks = sorted((b for p in parts for b in p), key=lambda b: b[0])
-        total = np.concatenate([b[1] for b in blocks])
+        total = np.concatenate([b[1]["total"] for b in blocks])
         if total.shape[0] != n or len({b[0] for b in blocks}) != len(blocks):
             raise RuntimeError(f"gathered {total.shape[0]} bits/dim rows, expected {n}")
         result = {
-            "total": total,
-            "prior": np.concatenate([b[2] for b in blocks]),
-            "terms_mean": np.sum([b[3] for b in blocks], axis=0) / n,
+            key: np.concatenate([b[1][key] for b in blocks])
+            for key in ("total", "prior", "decoder", "estimator_var")
+            if key in blocks[0][1]
         }
+        if estimator == "full":
+            result["terms_mean"] = np.sum([b[1]["terms_sum"] for b in blocks], axis=0) / n
     return broadcast_from_rank0(result)  # type: ignore[return-value]
 
 
@@ -463,8 +485,10 @@ def evaluate_nll(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    estimator: str = "full",
+    num_terms: int | None = None,
 ) -> dict[str, Any]:
-    """Bits/dim (full variational bound) on the first ``num_images`` images (collective).
+    """Bits/dim (the variational bound) on the first ``num_images`` images (collective).
 
     Args:
         diffusion: the :class:`~ddpm.diffusion.GaussianDiffusion`.
@@ -477,14 +501,22 @@ def evaluate_nll(
         device: default the diffusion buffers' device.
         batch_size: default the loader's batch size, else 64.
         progress: tqdm bar on rank 0.
+        estimator: ``"full"`` (all T terms, the paper's protocol; T network evaluations per
+            image) or ``"stratified"`` (an unbiased estimate from ``num_terms`` = K terms).
+        num_terms: K, for ``"stratified"``.
 
-    Returns (on every rank):
-        ``nll_bpd`` (mean total bound), ``nll_bpd_stderr`` (standard error over images),
-        ``prior_bpd`` (mean L_T), ``decoder_bpd`` (mean L₀), ``num_images`` and
-        ``terms_bpd`` (numpy ``[T]``, mean Lₜ per timestep index), all in bits/dim.
+    Returns (on every rank), in bits/dim, keyed by the metric names the callbacks publish, with
+    ``B`` = :func:`nll_metric_name` (``nll_bpd``, or ``nll_bpd_k{K}`` for a stratified estimate):
+        ``B`` (mean bound over images), ``B_stderr`` (standard error of that mean over images;
+        for a stratified estimate it contains the estimator's noise), ``nll_prior_bpd`` (mean
+        L_T), ``nll_decoder_bpd`` (mean L₀), ``nll_num_images``; for ``full`` also
+        ``terms_bpd`` (numpy ``[T]``, mean Lₜ per timestep index: an array, not a metric); for
+        ``stratified`` also ``B_estimator_stderr``, the part of ``B_stderr`` due to the
+        estimator (√(Σᵢ Varᵢ)/n from the per-image collapsed-strata variances).
     """
     dataset, loader_batch = _as_dataset(dataloader)
     batch_size = int(batch_size or loader_batch or 64)
+    name = nll_metric_name(estimator, num_terms, diffusion.num_timesteps)
     raw = compute_nll(
         diffusion,
         net,
@@ -494,15 +526,21 @@ def evaluate_nll(
         seed=seed,
         device=device,
         progress=progress,
+        estimator=estimator,
+        num_terms=num_terms,
     )
     total = raw["total"]
     n = total.shape[0]
     stderr = float(np.std(total, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    return {
-        "nll_bpd": float(total.mean()),
-        "nll_bpd_stderr": stderr,
-        "prior_bpd": float(raw["prior"].mean()),
-        "decoder_bpd": float(raw["terms_mean"][0]),
-        "num_images": n,
-        "terms_bpd": raw["terms_mean"],
+    result: dict[str, Any] = {
+        name: float(total.mean()),
+        f"{name}_stderr": stderr,
+        "nll_prior_bpd": float(raw["prior"].mean()),
+        "nll_decoder_bpd": float(raw["decoder"].mean()),
+        "nll_num_images": n,
     }
+    if "terms_mean" in raw:
+        result["terms_bpd"] = raw["terms_mean"]
+    if "estimator_var" in raw:
+        result[f"{name}_estimator_stderr"] = float(math.sqrt(raw["estimator_var"].sum()) / n)
+    return result

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.metrics.distributed import dist_info, shard_batches
 
 __all__ = ["batch_seed", "generate_samples_sharded", "iter_sample_batches"]
@@ -55,8 +56,7 @@ def iter_sample_batches(
     batch_size: int,
     seed: int,
     round_idx: int,
-    steps: int | None = None,
-    eta: float | None = None,
+    sampler: SamplerSpec | None = None,
     device: torch.device | str | None = None,
     clip_denoised: bool = True,
     rank: int | None = None,
@@ -72,7 +72,7 @@ def iter_sample_batches(
         num_samples: N, the global number of samples.
         batch_size: global batch size B (per batch; each batch runs on one rank).
         seed, round_idx: see the module docstring.
-        steps, eta: sampler (None/None: ancestral over all T; see ``GaussianDiffusion.sample``).
+        sampler: the sampling protocol (None: ancestral over all T, the paper's sampler).
         device: where to sample; default the diffusion buffers' device.
         clip_denoised: clip x̂₀ at every step (the official sampler does).
         rank, world_size: default from the process group (0, 1 without one).
@@ -90,6 +90,7 @@ def iter_sample_batches(
     if device is None:
         device = diffusion.betas.device  # type: ignore[union-attr]
     device = torch.device(device)
+    sampler = sampler or SamplerSpec()
     batches = shard_batches(num_samples, batch_size, rank, world_size)
     iterator: Sequence[tuple[int, int]] = batches
     if progress:
@@ -105,9 +106,8 @@ def iter_sample_batches(
                 net,
                 (stop - start, *image_shape),
                 generator=generator,
-                steps=steps,
-                eta=eta,
                 clip_denoised=clip_denoised,
+                **sampler.kwargs(),
             )
             yield start, images
 
@@ -120,8 +120,7 @@ def generate_samples_sharded(
     batch_size: int,
     seed: int,
     round_idx: int,
-    steps: int | None = None,
-    eta: float | None = None,
+    sampler: SamplerSpec | None = None,
     device: torch.device | str | None = None,
     clip_denoised: bool = True,
     rank: int | None = None,
@@ -144,8 +143,7 @@ def generate_samples_sharded(
         batch_size,
         seed,
         round_idx,
-        steps,
-        eta,
+        sampler,
         device,
         clip_denoised,
         rank,
