@@ -58,6 +58,49 @@ def test_evaluate_nll_equals_core_nll_bpd() -> None:
     assert again["nll_bpd"] == got["nll_bpd"]
 
 
+def test_stratified_estimate_through_evaluate_nll() -> None:
+    """K = T reproduces the full bound (same seeds, 1e-6); K < T is named, per-image exact to the
+    core estimator, and its mean lies within 4 standard errors of the full bound."""
+    torch.manual_seed(0)
+    net, diffusion = TinyNet(), GaussianDiffusion(make_betas("cosine", T))
+    dataset = UInt8ImageDataset(load_digits_split("test")[0][:12])
+    full = evaluate_nll(diffusion, net, dataset, num_images=12, seed=3, batch_size=5)
+    same = evaluate_nll(
+        diffusion, net, dataset, num_images=12, seed=3, batch_size=5, estimator="stratified",
+        num_terms=T,
+    )  # fmt: skip
+    assert same["nll_bpd"] == pytest.approx(full["nll_bpd"], rel=1e-6)
+    assert same["nll_prior_bpd"] == pytest.approx(full["nll_prior_bpd"], rel=1e-6)
+    assert "terms_bpd" not in same and "nll_decoder_bpd" not in same  # one draw per stratum
+
+    K = 5
+    est = evaluate_nll(
+        diffusion, net, dataset, num_images=12, seed=3, batch_size=5, estimator="stratified",
+        num_terms=K,
+    )  # fmt: skip
+    assert {"nll_bpd_k5", "nll_bpd_k5_stderr", "nll_bpd_k5_estimator_stderr"} <= set(est)
+    assert "nll_bpd" not in est  # an estimate never poses as the full bound
+    net.eval()
+    totals, variances = [], []
+    for start, stop in [(0, 5), (5, 10), (10, 12)]:
+        x0 = torch.stack([dataset[i] for i in range(start, stop)])
+        generator = torch.Generator().manual_seed(batch_seed(3, 0, start, "nll"))
+        out = diffusion.nll_bpd_stratified(net, x0, K, generator=generator)
+        totals.append(out["total"].double())
+        variances.append(out["stderr"].double().square())
+    total = torch.cat(totals)
+    assert est["nll_bpd_k5"] == pytest.approx(total.mean().item(), rel=1e-6)
+    assert est["nll_bpd_k5_stderr"] == pytest.approx(total.std().item() / np.sqrt(12), rel=1e-6)
+    assert est["nll_bpd_k5_estimator_stderr"] == pytest.approx(
+        torch.cat(variances).sum().sqrt().item() / 12, rel=1e-6
+    )
+    assert abs(est["nll_bpd_k5"] - full["nll_bpd"]) < 4 * est["nll_bpd_k5_stderr"]
+    with pytest.raises(ValueError, match="num_terms between 2 and T=20"):
+        evaluate_nll(diffusion, net, dataset, num_images=2, estimator="stratified", num_terms=1)
+    with pytest.raises(ValueError, match="unknown nll estimator 'bogus'"):
+        evaluate_nll(diffusion, net, dataset, num_images=2, estimator="bogus")
+
+
 def _trainer(tmp_path: Path, callbacks: list[pl.Callback], max_steps: int = 2) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
@@ -84,19 +127,22 @@ def test_callbacks_in_a_tiny_training_run(tmp_path: Path) -> None:
     quality = SampleQualityCallback(
         num_samples=20,
         batch_size=8,
-        sampler="ddim",
+        sampler="dpmpp_2m",
         steps=5,
         cache_dir=str(tmp_path / "cache"),
         progress=False,
     )
     nll = NLLCallback(num_images=6, batch_size=4, split="test", progress=False)
-    trainer = _trainer(tmp_path, [quality, nll])
-    trainer.callbacks.extend([quality, nll])
+    estimate = NLLCallback(
+        num_images=6, batch_size=4, estimator="stratified", num_terms=4, progress=False
+    )
+    trainer = _trainer(tmp_path, [quality, nll, estimate])
+    trainer.callbacks.extend([quality, nll, estimate])
     module, datamodule = _module(), DigitsDataModule(batch_size=16)
     trainer.fit(module, datamodule=datamodule)
 
     assert trainer.global_step == 2 and quality.kind == "digits"
-    fd = trainer.callback_metrics["fd_digits_20_ddim5"].item()
+    fd = trainer.callback_metrics["fd_digits_20_dpmpp5"].item()
     assert np.isfinite(fd) and fd > 0
     # The callback's number is exactly what eval.py's function computes for the same round.
     direct = evaluate_sample_quality(
@@ -105,12 +151,12 @@ def test_callbacks_in_a_tiny_training_run(tmp_path: Path) -> None:
         datamodule,
         num_samples=20,
         batch_size=8,
-        sampler=SamplerSpec("ddim", 5),
+        sampler=SamplerSpec("dpmpp_2m", 5),
         round_idx=2,
         cache_dir=tmp_path / "cache",
         progress=False,
     )
-    assert direct == {"fd_digits_20_ddim5": pytest.approx(fd, rel=1e-9)}
+    assert direct == {"fd_digits_20_dpmpp5": pytest.approx(fd, rel=1e-9)}
 
     datamodule.setup("test")
     expected_nll = evaluate_nll(
@@ -121,6 +167,16 @@ def test_callbacks_in_a_tiny_training_run(tmp_path: Path) -> None:
         expected_nll["nll_prior_bpd"]
     )
     assert trainer.callback_metrics["nll_num_images"].item() == 6
+    expected_estimate = evaluate_nll(
+        module.diffusion, module.ema_net, datamodule.test_set, num_images=6, seed=0, batch_size=4,
+        estimator="stratified", num_terms=4,
+    )  # fmt: skip
+    assert trainer.callback_metrics["nll_bpd_k4"].item() == pytest.approx(
+        expected_estimate["nll_bpd_k4"]
+    )
+    assert trainer.callback_metrics["nll_bpd"].item() != pytest.approx(
+        expected_estimate["nll_bpd_k4"], rel=1e-9
+    )  # the estimate did not overwrite the full bound
     terms = np.load(tmp_path / "nll" / "terms_step0000002.npy")
     np.testing.assert_allclose(terms, expected_nll["terms_bpd"], rtol=1e-6)
 
@@ -129,7 +185,7 @@ def test_callbacks_in_a_tiny_training_run(tmp_path: Path) -> None:
     with open(metrics_csv) as handle:
         rows = list(csv.DictReader(handle))
     logged = {k for row in rows for k, v in row.items() if v not in ("", None)}
-    assert {"fd_digits_20_ddim5", "nll_bpd", "nll_prior_bpd", "step"} <= logged
+    assert {"fd_digits_20_dpmpp5", "nll_bpd", "nll_bpd_k4", "nll_prior_bpd", "step"} <= logged
 
 
 def test_periodic_evaluation_runs_once_per_step(tmp_path: Path) -> None:

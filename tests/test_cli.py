@@ -74,7 +74,7 @@ def test_train_with_wandb_offline_then_sample_and_eval(tmp_path):
             "src/sample.py",
             f"ckpt_path={ckpt}",
             "num_samples=6",
-            "sampler=ddim",
+            "sampler=dpmpp_2m",
             "steps=10",
             f"hydra.run.dir={sample_dir}",
             f"paths.log_dir={tmp_path / 'logs'}",
@@ -85,6 +85,7 @@ def test_train_with_wandb_offline_then_sample_and_eval(tmp_path):
     images = np.load(sample_dir / "samples.npz")["images"]
     assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
     assert (sample_dir / "samples.png").is_file()
+    assert "sampler: dpmpp_2m, 10 network evaluations per image" in proc.stdout
 
     eval_dir = tmp_path / "eval"
     proc = run(
@@ -92,10 +93,11 @@ def test_train_with_wandb_offline_then_sample_and_eval(tmp_path):
             "src/eval.py",
             f"ckpt_path={ckpt}",
             "sample_quality.num_samples=20",
-            "sample_quality.sampler=ddim",
-            "sample_quality.steps=5",
-            "sample_quality.eta=0.0",
+            "sample_quality.sampler=heun",
+            "sample_quality.steps=3",
             "nll.num_images=3",
+            "nll.estimator=stratified",
+            "nll.num_terms=4",
             "speed.channels_last=true",  # the speed options reach the evaluated network
             "speed.bf16_autocast=true",
             f"hydra.run.dir={eval_dir}",
@@ -105,9 +107,28 @@ def test_train_with_wandb_offline_then_sample_and_eval(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((eval_dir / "metrics.json").read_text())
-    assert result["nll_bpd"] > 0 and result["nll_num_images"] == 3
-    assert result["fd_digits_20_ddim5"] >= 0
+    assert result["nll_bpd_k4"] > 0 and result["nll_num_images"] == 3
+    assert result["nll_bpd_k4_stderr"] > 0 and "nll_bpd" not in result
+    assert result["fd_digits_20_heun3"] >= 0  # the metric name carries the sampler
     assert result["speed"] == {"channels_last": True, "bf16_autocast": True, "compile": False}
+
+    # A sampler option that does not apply is one clear line naming the keys and the fix.
+    proc = run(
+        [
+            "src/eval.py",
+            f"ckpt_path={ckpt}",
+            "sample_quality.sampler=heun",
+            "sample_quality.eta=0.5",
+            f"hydra.run.dir={tmp_path / 'eval_bad'}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 1
+    assert "error: sample_quality.sampler/steps/eta/spacing: eta=0.5 only applies to" in (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
 
 
 def test_multirun_sweep_gives_each_job_its_own_directory_and_name(tmp_path):

@@ -1,6 +1,7 @@
 """Pure-torch diffusion maths (no Lightning, no Hydra).
 
-Public façade: :class:`GaussianDiffusion` and :func:`make_betas`.
+Public façade: :class:`GaussianDiffusion` and :func:`make_betas`; samplers by name
+(:data:`SAMPLERS`, :class:`SamplerSpec`).
 """
 
 from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion
@@ -21,6 +22,14 @@ from ddpm.diffusion.parameterization import (
     X0Parameterization,
     make_parameterization,
 )
+from ddpm.diffusion.sampling import (
+    DEFAULT_SPACING,
+    SAMPLERS,
+    SPACINGS,
+    SamplerSpec,
+    get_sampler,
+    timestep_spacing,
+)
 from ddpm.diffusion.schedule import SCHEDULES, make_betas, schedule_tables
 from ddpm.diffusion.timesteps import (
     LossSecondMomentSampler,
@@ -39,9 +48,12 @@ from ddpm.diffusion.variance import (
 )
 
 __all__ = [
+    "DEFAULT_SPACING",
     "LOSSES",
     "PARAMETERIZATIONS",
+    "SAMPLERS",
     "SCHEDULES",
+    "SPACINGS",
     "VARIANCES",
     "EpsParameterization",
     "FixedLargeVariance",
@@ -54,6 +66,7 @@ __all__ = [
     "LossSecondMomentSampler",
     "MuParameterization",
     "Parameterization",
+    "SamplerSpec",
     "SimpleLoss",
     "TimestepSampler",
     "UniformSampler",
@@ -63,6 +76,7 @@ __all__ = [
     "X0Parameterization",
     "approx_standard_normal_cdf",
     "discretized_gaussian_log_likelihood",
+    "get_sampler",
     "make_betas",
     "make_loss",
     "make_parameterization",
@@ -72,4 +86,5 @@ __all__ = [
     "mean_flat_bpd",
     "normal_kl",
     "schedule_tables",
+    "timestep_spacing",
 ]

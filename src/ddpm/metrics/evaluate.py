@@ -509,10 +509,12 @@ def evaluate_nll(
     ``B`` = :func:`nll_metric_name` (``nll_bpd``, or ``nll_bpd_k{K}`` for a stratified estimate):
         ``B`` (mean bound over images), ``B_stderr`` (standard error of that mean over images;
         for a stratified estimate it contains the estimator's noise), ``nll_prior_bpd`` (mean
-        L_T), ``nll_decoder_bpd`` (mean L₀), ``nll_num_images``; for ``full`` also
-        ``terms_bpd`` (numpy ``[T]``, mean Lₜ per timestep index: an array, not a metric); for
-        ``stratified`` also ``B_estimator_stderr``, the part of ``B_stderr`` due to the
-        estimator (√(Σᵢ Varᵢ)/n from the per-image collapsed-strata variances).
+        L_T, exact for both estimators), ``nll_num_images``; for ``full`` also
+        ``nll_decoder_bpd`` (mean L₀) and ``terms_bpd`` (numpy ``[T]``, mean Lₜ per timestep
+        index: an array, not a metric); for ``stratified`` also ``B_estimator_stderr``, the part
+        of ``B_stderr`` due to the estimator (√(Σᵢ Varᵢ)/n from the per-image collapsed-strata
+        variances). A full and a stratified evaluation of one run never write the same key with
+        different values.
     """
     dataset, loader_batch = _as_dataset(dataloader)
     batch_size = int(batch_size or loader_batch or 64)
@@ -536,10 +538,10 @@ def evaluate_nll(
         name: float(total.mean()),
         f"{name}_stderr": stderr,
         "nll_prior_bpd": float(raw["prior"].mean()),
-        "nll_decoder_bpd": float(raw["decoder"].mean()),
         "nll_num_images": n,
     }
     if "terms_mean" in raw:
+        result["nll_decoder_bpd"] = float(raw["decoder"].mean())
         result["terms_bpd"] = raw["terms_mean"]
     if "estimator_var" in raw:
         result[f"{name}_estimator_stderr"] = float(math.sqrt(raw["estimator_var"].sum()) / n)
