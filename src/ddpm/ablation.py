@@ -14,6 +14,11 @@ training loss → ``diverged: true`` in metrics.json, non-finite samples, or mor
 ``max_out_of_range`` of the sample pixels beyond ±(1 + 2/255) before quantisation, measured on
 the full ancestral sampler, or a non-finite bound); ``n/a`` when the metric was not computed;
 runs without ``metrics.json`` are listed as ``crashed`` and never stop the table from being built.
+
+Re-evaluations of a run under other samplers (``python -m ddpm.sweep_eval``, written to
+``<run>/evaluations/<sampler>/metrics.json``) add a second table to ``ablation.md`` and
+``ablation_samplers.csv``: the Fréchet distance and the rank of every row under each sampler.
+Stability ("–") is always decided by the run's own evaluation, never by a re-evaluation.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ __all__ = [
     "log_wandb",
     "main",
     "render_markdown",
+    "sampler_csv_rows",
+    "sampler_keys",
+    "sampler_ranking",
     "write_table",
 ]
 
@@ -55,7 +63,8 @@ DEFAULT_MAX_OUT_OF_RANGE = 0.05
 DIVERGED = "–"
 MISSING = "n/a"
 _SCHEDULE_ORDER = ("linear", "cosine")
-_NOT_RUNS = {"wandb", "checkpoints", "samples", "nll", "csv", "tensorboard"}  # never descended into
+_NOT_RUNS = {"wandb", "checkpoints", "samples", "nll", "csv", "tensorboard", "evaluations"}
+_SAMPLE_QUALITY_PREFIXES = ("fid_", "fd_digits_", "is_")
 
 
 @dataclass(frozen=True)
@@ -126,7 +135,8 @@ class RunRecord:
 
     ``status`` is ``"ok"``, ``"unstable"`` (diverged or out-of-range samples: a "–" in the
     table), or ``"crashed"`` (no ``metrics.json``: the job died, or is still running);
-    ``reason`` says why it is not ``"ok"``.
+    ``reason`` says why it is not ``"ok"``. ``evaluations`` holds the sample-quality metrics of
+    its re-evaluations under other samplers (``<run>/evaluations/*/metrics.json``).
     """
 
     path: Path
@@ -139,6 +149,7 @@ class RunRecord:
     config: DictConfig | None
     status: str = "ok"
     reason: str = ""
+    evaluations: dict[str, float] = field(default_factory=dict)
 
     @property
     def objective_key(self) -> tuple[str, str, str] | None:
@@ -244,10 +255,22 @@ def classify_run(path: str | Path, max_out_of_range: float = DEFAULT_MAX_OUT_OF_
     if metrics is None:
         record.status, record.reason = "crashed", problem
         return record
+    record.evaluations = _load_evaluations(path)
     reason = _instability(metrics, max_out_of_range)
     if reason:
         record.status, record.reason = "unstable", reason
     return record
+
+
+def _load_evaluations(path: Path) -> dict[str, float]:
+    """Sample-quality metrics of ``<run>/evaluations/*/metrics.json`` (unreadable files skipped)."""
+    found: dict[str, float] = {}
+    for file in sorted((path / "evaluations").glob("*/metrics.json")):
+        data, _ = _load_metrics(file.parent)
+        for key, value in (data or {}).items():
+            if key.startswith(_SAMPLE_QUALITY_PREFIXES) and _finite(value):
+                found.setdefault(key, float(value))
+    return found
 
 
 def _instability(metrics: Mapping[str, Any], max_out_of_range: float) -> str:
@@ -328,6 +351,12 @@ def _format(value: float, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
+def _metric(run: RunRecord, key: str) -> Any:
+    """``key`` from the run's own metrics, else from its re-evaluations."""
+    value = (run.metrics or {}).get(key)
+    return run.evaluations.get(key) if value is None else value
+
+
 def _cell(runs: Sequence[RunRecord], key: str | None, digits: int) -> Cell:
     """Mean ± sample std (n ≥ 2) of ``key`` over the stable runs; "–" / "n/a" otherwise."""
     finished = [r for r in runs if r.metrics is not None]
@@ -336,7 +365,7 @@ def _cell(runs: Sequence[RunRecord], key: str | None, digits: int) -> Cell:
         return Cell(DIVERGED)
     if key is None or not stable:
         return Cell(MISSING)
-    values = [float(r.metrics[key]) for r in stable if _finite((r.metrics or {}).get(key))]
+    values = [float(_metric(r, key)) for r in stable if _finite(_metric(r, key))]
     if not values:
         return Cell(MISSING)
     mean = statistics.fmean(values)
@@ -447,6 +476,98 @@ def build_table(
         row.status = _status(members)
         rows.append(row)
     return Table(rows, fd_key, is_key, unclassified, list(runs), max_out_of_range)
+
+
+# ---------------------------------------------------------------------------- by sampler
+def sampler_keys(table: Table) -> list[str]:
+    """The Fréchet-distance keys to compare: the table's own first, then those of the runs'
+    re-evaluations (``evaluations/*/metrics.json``) by name. One key: nothing to compare."""
+    keys = {k for r in table.runs for k in r.evaluations if k.startswith(("fid_", "fd_digits_"))}
+    first = [table.fd_key] if table.fd_key else []
+    return first + sorted(keys - set(first))
+
+
+def sampler_ranking(table: Table) -> dict[str, dict[int, tuple[Cell, int | None]]]:
+    """``{fd key: {row index: (cell, rank among the rows of its schedule, 1 = best)}}``.
+
+    Rows with no number under a key (unstable: "–", or not evaluated) get no rank.
+    """
+    ranking: dict[str, dict[int, tuple[Cell, int | None]]] = {}
+    for key in sampler_keys(table):
+        cells = {i: _cell(row.runs, key, 2) for i, row in enumerate(table.rows)}
+        ranks: dict[int, int] = {}
+        for schedule in {row.schedule for row in table.rows}:
+            scored = [
+                (cells[i].mean, i)
+                for i, row in enumerate(table.rows)
+                if row.schedule == schedule and cells[i].mean is not None
+            ]
+            for rank, (_, i) in enumerate(sorted(scored), start=1):
+                ranks[i] = rank
+        ranking[key] = {i: (cells[i], ranks.get(i)) for i in cells}
+    return ranking
+
+
+def _render_sampler_ranking(table: Table) -> list[str]:
+    keys = sampler_keys(table)
+    if len(keys) < 2:
+        return []
+    ranking = sampler_ranking(table)
+    lines = [
+        "",
+        "## Does the ranking depend on the sampler?",
+        "",
+        "Each column group is one sampler: the Fréchet distance (mean ± std over seeds) and, in "
+        "brackets, the row's rank within its schedule (1 = best). The first group is the runs' "
+        "own evaluation; the others are re-evaluations of the same checkpoints "
+        "(`python -m ddpm.sweep_eval`). `–` rows were unstable in their own evaluation.",
+        "",
+        "| Objective | Schedule | " + " | ".join(f"`{k}`" for k in keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
+    for i, row in enumerate(table.rows):
+        cells = []
+        for key in keys:
+            cell, rank = ranking[key][i]
+            cells.append(cell.text + (f" ({rank})" if rank is not None else ""))
+        lines.append(f"| {_md_escape(row.label)} | {row.schedule} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for schedule in sorted({row.schedule for row in table.rows}, key=_schedule_rank):
+        orders = []
+        for key in keys:
+            ranked = [(r, i) for i, (_, r) in ranking[key].items() if r is not None]
+            ranked = [i for r, i in sorted(ranked) if table.rows[i].schedule == schedule]
+            orders.append(ranked)
+        if not orders[0]:
+            continue
+        same = all(order == orders[0] for order in orders[1:])
+        lines.append(
+            f"- {schedule}: the order of the rows is "
+            + ("the same under every sampler." if same else "**not** the same under every sampler.")
+        )
+    return lines
+
+
+def sampler_csv_rows(table: Table) -> tuple[list[str], list[list[Any]]]:
+    """One row per table row: label, schedule, then mean, std, n and rank for every fd key."""
+    keys = sampler_keys(table)
+    ranking = sampler_ranking(table)
+    header = ["objective", "experiment", "schedule"]
+    for key in keys:
+        header += [f"{key}_mean", f"{key}_std", f"{key}_n", f"{key}_rank"]
+    rows = []
+    for i, row in enumerate(table.rows):
+        values: list[Any] = [row.label, row.experiment, row.schedule]
+        for key in keys:
+            cell, rank = ranking[key][i]
+            values += [
+                "" if cell.mean is None else repr(cell.mean),
+                "" if cell.std is None else repr(cell.std),
+                cell.n,
+                "" if rank is None else rank,
+            ]
+        rows.append(values)
+    return header, rows
 
 
 # ---------------------------------------------------------------------------- output
@@ -660,25 +781,31 @@ def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
     if table.unclassified:
         lines += ["", "Runs that could not be assigned to a row (no objective or schedule):", ""]
         lines += [f"- `{r.path}`: {r.status} {r.reason}".rstrip() for r in table.unclassified]
+    lines += _render_sampler_ranking(table)
     return "\n".join(lines) + "\n"
 
 
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 def write_table(table: Table, out_dir: str | Path, sweep_dir: str | Path | None = None) -> Path:
-    """Write ``ablation.md`` and ``ablation.csv`` into ``out_dir``; return the markdown path."""
+    """Write ``ablation.md`` and ``ablation.csv`` (and ``ablation_samplers.csv`` when runs were
+    re-evaluated under other samplers) into ``out_dir``; return the markdown path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md_path = out / "ablation.md"
     tmp = md_path.with_name(".ablation.md.tmp")
     tmp.write_text(render_markdown(table, sweep_dir))
     os.replace(tmp, md_path)
-    header, rows = csv_rows(table)
-    csv_path = out / "ablation.csv"
-    tmp = csv_path.with_name(".ablation.csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
+    _write_csv(out / "ablation.csv", *csv_rows(table))
+    if len(sampler_keys(table)) > 1:
+        _write_csv(out / "ablation_samplers.csv", *sampler_csv_rows(table))
     return md_path
 
 

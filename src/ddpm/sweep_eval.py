@@ -1,0 +1,116 @@
+"""Re-evaluate every run of a sweep under other samplers: ``python -m ddpm.sweep_eval <sweep>``.
+
+For each run directory below the sweep (:func:`ddpm.ablation.find_runs`) that finished
+(``metrics.json``) and kept ``checkpoints/last.ckpt``, and for each ``--sampler name:steps``,
+this runs ``src/eval.py`` on the checkpoint with that sampler, the run's own sample count and
+bits/dim switched off, writing ``<run>/evaluations/<name><steps>/metrics.json``. The table
+builder (``python -m ddpm.ablation``) reads those files, so Table 2 gets one column group per
+sampler: does the ranking of the objectives depend on the sampler?
+
+Resumable: an evaluation whose ``metrics.json`` exists is skipped, so after a crash the same
+command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ddpm.ablation import find_runs
+from ddpm.diffusion.sampling import SamplerSpec
+
+__all__ = ["EVALUATIONS_DIR", "evaluation_dir", "main", "parse_sampler"]
+
+#: Sub-directory of a run that holds its re-evaluations, one directory per sampler.
+EVALUATIONS_DIR = "evaluations"
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_sampler(text: str) -> SamplerSpec:
+    """``name:steps`` (``ddim:50``, ``dpmpp_2m:20``; ``ancestral`` alone is the full chain).
+
+    Raises:
+        argparse.ArgumentTypeError: an unknown sampler or bad step count, naming the choices.
+    """
+    name, _, steps = text.partition(":")
+    try:
+        return SamplerSpec(name, int(steps) if steps else None)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+
+def evaluation_dir(run: Path, spec: SamplerSpec) -> Path:
+    """``<run>/evaluations/<name><steps>``, e.g. ``evaluations/dpmpp_2m20``."""
+    return run / EVALUATIONS_DIR / f"{spec.name}{spec.steps or ''}"
+
+
+def _command(run: Path, spec: SamplerSpec, out: Path, extra: list[str]) -> list[str]:
+    args = [
+        sys.executable,
+        str(_ROOT / "src" / "eval.py"),
+        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        f"sample_quality.sampler={spec.name}",
+        f"sample_quality.steps={spec.steps if spec.steps is not None else 'null'}",
+        "sample_quality.eta=null",
+        "sample_quality.spacing=null",
+        "nll.enabled=false",
+        f"hydra.run.dir={out}",
+    ]
+    return args + extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument(
+        "--sampler",
+        dest="samplers",
+        type=parse_sampler,
+        action="append",
+        required=True,
+        help="name:steps, repeatable (e.g. --sampler ddim:50 --sampler dpmpp_2m:20)",
+    )
+    parser.add_argument(
+        "--eval-args", nargs="*", default=[], help="extra Hydra overrides of src/eval.py"
+    )
+    args = parser.parse_args(argv)
+
+    runs = [r for r in find_runs(args.sweep_dir) if (r / "metrics.json").is_file()]
+    jobs = [(run, spec) for run in runs for spec in args.samplers]
+    missing = [r for r in runs if not (r / "checkpoints" / "last.ckpt").is_file()]
+    for run in missing:
+        print(f"skipped {run}: no checkpoints/last.ckpt", file=sys.stderr)
+    failures = 0
+    for run, spec in tqdm(jobs, desc="evaluations", unit="eval"):
+        if run in missing:
+            continue
+        out = evaluation_dir(run, spec)
+        if (out / "metrics.json").is_file():
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "eval.log", "a") as log:
+            proc = subprocess.run(
+                _command(run, spec, out, list(args.eval_args)),
+                cwd=_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+            )
+        if proc.returncode != 0:
+            failures += 1
+            print(f"failed: {run} with {spec.name}:{spec.steps} (see {out / 'eval.log'})")
+            continue
+        metrics = json.loads((out / "metrics.json").read_text())
+        keys = [k for k in metrics if k.startswith(("fid_", "fd_digits_", "is_"))]
+        tqdm.write(f"{run.name}: " + ", ".join(f"{k}={metrics[k]:.3f}" for k in keys))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
