@@ -9,7 +9,7 @@ STAMP := $(VENV)/.stamp-install
 # The optional extras (W&B dashboard, Optuna search): only the tests and their own targets need them.
 STAMP_EXTRAS := $(VENV)/.stamp-extras
 
-.PHONY: help install quickstart test test-all lint format ablation ablation-cpu table bench dashboard search clean
+.PHONY: help install quickstart test test-all lint format ablation ablation-cpu ablation-samplers table bench sampler-table dashboard search clean
 
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -84,6 +84,14 @@ ablation-cpu: install  ## Table 2 on the embedded digits, 2 CPU cores (~50 min p
 	echo "wall-clock: $$(cat $$dir/wall_clock_s) s"; \
 	$(PY) -m ddpm.ablation $$dir $(TABLE_ARGS); exit $$status
 
+# Samplers a sweep's checkpoints are re-evaluated with (name:steps), for the ranking-by-sampler table.
+SAMPLERS ?= ddim:50 dpmpp_2m:20
+
+ablation-samplers: install  ## re-evaluate a sweep's checkpoints under SAMPLERS, then the table: make ablation-samplers SWEEP=<dir>
+	@test -n "$(SWEEP)" || { echo "usage: make ablation-samplers SWEEP=<sweep directory> [SAMPLERS='ddim:50 dpmpp_2m:20']" >&2; exit 2; }
+	$(CPU_MALLOC) $(PY) -m ddpm.sweep_eval $(SWEEP) $(foreach s,$(SAMPLERS),--sampler $(s))
+	$(PY) -m ddpm.ablation $(SWEEP) $(TABLE_ARGS)
+
 table: install  ## ablation.md/.csv from a sweep directory: make table SWEEP=logs/ablation_cpu/multiruns/<time>
 	@test -n "$(SWEEP)" || { echo "usage: make table SWEEP=<sweep directory> [TABLE_ARGS=...]" >&2; exit 2; }
 	$(PY) -m ddpm.ablation $(SWEEP) $(TABLE_ARGS)
@@ -95,6 +103,10 @@ BENCH_ARGS ?=
 
 bench: install  ## speed benchmark -> bench/results/<device>.{json,md}: make bench DEVICE=cpu|cuda MODELS="ddpm_cifar10 small"
 	$(PY) bench/bench.py --device $(DEVICE) --models $(MODELS) $(BENCH_ARGS)
+
+sampler-table: install  ## fd and wall-clock per sampler, and the estimated bound, on a checkpoint: make sampler-table CKPT=<ckpt>
+	@test -n "$(CKPT)" || { echo "usage: make sampler-table CKPT=<checkpoints/last.ckpt> [OUT=docs/results/samplers]" >&2; exit 2; }
+	$(CPU_MALLOC) $(PY) bench/samplers.py --ckpt $(CKPT) --out $(or $(OUT),docs/results/samplers)
 
 # ---------------------------------------------------------------- W&B dashboard and Optuna search
 # Hydra overrides of the sweep a dashboard is for: they fix the protocol-bearing metric names.

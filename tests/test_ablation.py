@@ -324,6 +324,65 @@ def test_fid_50k_is_preferred_and_brings_its_is(tmp_path):
     assert row["FID (fid_50k) ↓"] == "4.00 ± 0.71" and row["IS (is_50k)"] == "9.50 ± 0.35"
 
 
+def _evaluation(run: Path, sampler: str, metrics: dict) -> None:
+    """What ``python -m ddpm.sweep_eval`` leaves: <run>/evaluations/<sampler>/metrics.json."""
+    out = run / "evaluations" / sampler
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_ranking_by_sampler_from_re_evaluations(tmp_path):
+    """Re-evaluations add one column group per sampler; ranks are per schedule; stability is the
+    run's own, never the re-evaluation's."""
+    root = tmp_path / "sweep"
+    ddim, fast = "fd_digits_400_ddim50", "fd_digits_400_dpmpp20"
+    a = _run(root, "0-eps-simple", EPS_SIMPLE, "linear", 0, {FD: 2.0, "nll_bpd": 1.0})
+    b = _run(root, "1-eps-vlb", EPS_VLB, "linear", 0, {FD: 3.0, "nll_bpd": 0.9})
+    c = _run(root, "2-mu-simple", MU_SIMPLE, "linear", 0, {"diverged": True})
+    _evaluation(a, "ddim50", {ddim: 5.0, "nll_bpd": 99.0})  # nll is not sample quality: ignored
+    _evaluation(b, "ddim50", {ddim: 4.0})  # DDIM swaps the order of the two ε rows
+    _evaluation(a, "dpmpp_2m20", {fast: 2.5, "nonfinite_frac_400_dpmpp20": 0.5})
+    _evaluation(b, "dpmpp_2m20", {fast: 3.5})
+    _evaluation(c, "ddim50", {ddim: 1.0})  # a diverged run stays "–" whatever it scores
+    runs = [ablation.classify_run(p) for p in ablation.find_runs(root)]
+    assert len(runs) == 3  # the evaluations are not runs of their own
+    assert {r.path.name: r.status for r in runs}["0-eps-simple"] == "ok"  # nonfinite ignored
+    table = ablation.build_table(runs)
+    assert table.fd_key == FD  # the table's own column is the runs' own evaluation
+    assert ablation.sampler_keys(table) == [FD, ddim, fast]
+    ranking = ablation.sampler_ranking(table)
+    index = {r.experiment: i for i, r in enumerate(table.rows)}
+    eps_simple, eps_vlb, mu = (
+        index["table2_eps_simple"],
+        index["table2_eps_vlb_fixed"],
+        index["table2_mu_simple"],
+    )
+    assert ranking[FD][eps_simple][1] == 1 and ranking[FD][eps_vlb][1] == 2
+    assert ranking[ddim][eps_simple][1] == 2 and ranking[ddim][eps_vlb][1] == 1
+    assert ranking[fast][eps_simple][0].text == "2.50" and ranking[fast][eps_simple][1] == 1
+    assert ranking[ddim][mu] == (ablation.Cell("–"), None)
+    assert ranking[FD][eps_simple][0].mean == 2.0  # NLL 99 of the re-evaluation did not leak
+
+    out = tmp_path / "out"
+    assert ablation.main([str(root), "--out", str(out)]) == 0
+    md = (out / "ablation.md").read_text()
+    assert f"| Objective | Schedule | `{FD}` | `{ddim}` | `{fast}` |" in md
+    assert "| ε prediction, ‖ε̃ − ε_θ‖² (L_simple) | linear | 2.00 (1) | 5.00 (2) | 2.50 (1) |" in md
+    assert "- linear: the order of the rows is **not** the same under every sampler." in md
+    with (out / "ablation_samplers.csv").open() as handle:
+        rows = {r["experiment"]: r for r in csv.DictReader(handle)}
+    assert rows["table2_eps_vlb_fixed"][f"{ddim}_rank"] == "1"
+    assert float(rows["table2_eps_vlb_fixed"][f"{ddim}_mean"]) == 4.0
+
+
+def test_no_sampler_section_without_re_evaluations(sweep, tmp_path):
+    assert ablation.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    assert (
+        "Does the ranking depend on the sampler?" not in (tmp_path / "out/ablation.md").read_text()
+    )
+    assert not (tmp_path / "out" / "ablation_samplers.csv").exists()
+
+
 def test_cli_errors(tmp_path, capsys):
     assert ablation.main([str(tmp_path / "missing")]) == 1
     (tmp_path / "empty").mkdir()
@@ -395,3 +454,28 @@ def test_mini_sweep_end_to_end(tmp_path):
     assert "python src/train.py -m experiment=table2_eps_simple,table2_mu_vlb_learned" in md
     with (sweep / "ablation.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 2
+
+    # The same checkpoints under two other samplers (python -m ddpm.sweep_eval), then the table.
+    def sweep_eval() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                sys.executable, "-m", "ddpm.sweep_eval", str(sweep),
+                "--sampler", "ddim:5", "--sampler", "dpmpp_2m:5",
+                "--eval-args", "sample_quality.num_samples=20", "sample_quality.batch_size=20",
+                f"paths.log_dir={tmp_path / 'logs'}",
+            ],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    proc = sweep_eval()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    eps_run = sweep / "0-eps-fixed_large-simple-linear"
+    for sampler, key in (("ddim5", "fd_digits_20_ddim5"), ("dpmpp_2m5", "fd_digits_20_dpmpp5")):
+        metrics = json.loads((eps_run / "evaluations" / sampler / "metrics.json").read_text())
+        assert metrics[key] > 0 and "nll_bpd" not in metrics  # bits/dim switched off
+    stamp = (eps_run / "evaluations" / "ddim5" / "metrics.json").stat().st_mtime_ns
+    assert sweep_eval().returncode == 0  # resumable: finished evaluations are skipped
+    assert (eps_run / "evaluations" / "ddim5" / "metrics.json").stat().st_mtime_ns == stamp
+    assert ablation.main([str(sweep)]) == 0
+    md = (sweep / "ablation.md").read_text()
+    assert "| `fd_digits_20_ddim5` | `fd_digits_20_dpmpp5` |" in md
