@@ -17,6 +17,7 @@ machine it ran on: run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -71,7 +72,7 @@ def parse_setting(text: str) -> SamplerSpec:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a checkpoint of src/train.py")
+    parser.add_argument("--ckpt", help="a checkpoint of src/train.py")
     parser.add_argument("--out", default="docs/results/samplers", help="output path stem")
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS))
     parser.add_argument("--num-samples", type=int, default=1000)
@@ -80,7 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nll-images", type=int, default=100)
     parser.add_argument("--bound-terms", type=int, nargs="+", default=[100, 50])
     parser.add_argument("--cache-dir", default=os.environ.get("DDPM_CACHE_DIR", ".cache"))
+    parser.add_argument(
+        "--render", type=Path, default=None, help="only rewrite <stem>.md from this <stem>.json"
+    )
     args = parser.parse_args(argv)
+    if args.render is not None:
+        report = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(render_markdown(report))
+        print(f"wrote {args.render.with_suffix('.md')}")
+        return 0
+    if not args.ckpt:
+        parser.error("--ckpt is required (or --render <report.json>)")
     specs = [parse_setting(s) for s in args.settings]
 
     device = torch.device("cpu")
@@ -217,9 +228,18 @@ def cheapest_within_tolerance(rows: list[dict[str, Any]]) -> dict[str, Any] | No
     return {"setting": best["setting"], "metric": best["metric"], "limit": limit}
 
 
+def paired_difference(row: dict[str, Any], reference: dict[str, Any]) -> tuple[float, float]:
+    """Mean and std over seeds of fd(row) − fd(reference): the same x_T under each seed, so the
+    difference is far less noisy than either number."""
+    diffs = [a - b for a, b in zip(row["fd_per_seed"], reference["fd_per_seed"], strict=True)]
+    std = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+    return statistics.fmean(diffs), std
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The two tables (samplers, bound) with the command that produced them."""
     n, seeds = report["num_samples"], report["seeds"]
+    reference = next((r for r in report["samplers"] if r["setting"] == report["reference"]), None)
     lines = [
         "<!-- written by bench/samplers.py; do not edit by hand -->",
         f"Command: `{report['command']}` (commit `{report['commit']}`, "
@@ -227,15 +247,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Sample quality: {n} samples per seed, seeds {', '.join(map(str, seeds))} (the same x_T "
         "for every sampler under one seed); mean ± std over the seeds. Seconds: wall-clock to "
-        f"draw and score {n} samples.",
+        f"draw and score {n} samples. Δ: the paired difference from {report['reference']} "
+        "(mean ± std over the seeds of the per-seed differences).",
         "",
-        "| metric | sampler | steps | spacing | NFE | Fréchet distance ↓ | seconds |",
-        "|---|---|---:|---|---:|---:|---:|",
+        "| metric | sampler | steps | spacing | NFE | Fréchet distance ↓ | "
+        f"Δ vs {report['reference']} | seconds |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in report["samplers"]:
+        delta = ""
+        if reference is not None and r is not reference:
+            mean, std = paired_difference(r, reference)
+            delta = f"{mean:+.2f} ± {std:.2f}"
         lines.append(
             f"| `{r['metric']}` | {r['sampler']} | {r['steps']} | {r['spacing']} | {r['nfe']} | "
-            f"{r['fd_mean']:.2f} ± {r['fd_std']:.2f} | {r['seconds_mean']:.1f} |"
+            f"{r['fd_mean']:.2f} ± {r['fd_std']:.2f} | {delta} | {r['seconds_mean']:.1f} |"
         )
     best = report.get("cheapest_within_tolerance")
     if best:

@@ -80,7 +80,7 @@ class RecordingWandbLogger(WandbLogger):
 
 
 # TINY with a small end-of-training sample-quality evaluation (TINY removes it): its metric,
-# fd_digits_8_ddim2, is the protocol-bearing name the Table 2 and curve panels plot.
+# fd_digits_8_dpmpp2, is the protocol-bearing name the Table 2 and curve panels plot.
 WITH_QUALITY = [
     *(o for o in TINY if "sample_quality" not in o),
     "callbacks.sample_quality.num_samples=8",
@@ -122,7 +122,7 @@ def test_every_key_a_panel_plots_is_logged_by_a_training_run(recorded):
     cfg, run = recorded
     keys = panel_keys(cfg)
     # The protocol-bearing names come from the config, as the callbacks name them.
-    assert {"fd_digits_8_ddim2", "nll_bpd", "train/loss_q3", "lr-Adam", "samples"} <= keys
+    assert {"fd_digits_8_dpmpp2", "nll_bpd", "train/loss_q3", "lr-Adam", "samples"} <= keys
     missing = keys - run.history.keys()
     assert not missing, f"panels plot keys no run logs: {missing}; logged: {sorted(run.history)}"
 
@@ -248,7 +248,7 @@ def test_workspace_object_plots_exactly_the_spec_keys(recorded, monkeypatch):
     (condition,) = runset["filters"]["filters"]
     assert (condition["key"]["name"], condition["value"]) == ("group", "ablation_cpu")
     assert view["spec"]["section"]["settings"]["xAxis"] == STEP_KEY
-    assert "summary:fd_digits_8_ddim2" in runset["runFeed"]["columnPinned"]
+    assert "summary:fd_digits_8_dpmpp2" in runset["runFeed"]["columnPinned"]
 
 
 def _no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -293,7 +293,7 @@ def test_cli_saves_the_workspace_for_a_sweep_group(monkeypatch, tmp_path, capsys
     (workspace,) = saved
     assert (workspace.entity, workspace.project) == ("me", "p")
     assert workspace.name == "ddpm-lab: quickstart_optuna"
-    assert "fd_digits_1k_ddim50" in dashboard.workspace_keys(workspace)[0]
+    assert "fd_digits_1k_dpmpp15" in dashboard.workspace_keys(workspace)[0]
     assert "workspace: https://wandb.example/view" in capsys.readouterr().out
 
 

@@ -64,7 +64,7 @@ def test_eval_takes_its_sizes_from_the_run(compose_cfg):
     eval_cfg = compose_cfg(config_name="eval")
     digits_run = compose_cfg("data=digits", tiny=False)
     quality, nll = _evaluation_sizes(eval_cfg, digits_run)
-    assert (quality.num_samples, quality.sampler, quality.steps) == (1000, "ddim", 50)
+    assert (quality.num_samples, quality.sampler, quality.steps) == (1000, "dpmpp_2m", 15)
     assert (nll.num_images, nll.batch_size, nll.estimator) == (100, 100, "full")
     cpu_run = compose_cfg("data=digits", "+scale=cpu", tiny=False)
     quality, _ = _evaluation_sizes(eval_cfg, cpu_run)
@@ -98,8 +98,8 @@ def test_train_returns_a_metric_that_exists(compose_cfg, tmp_path):
         tiny=False,
     )
     metrics = train(cfg)
-    assert metrics["optimized_metric"] == "fd_digits_8_ddim2"
-    assert objective_value(metrics) == metrics["fd_digits_8_ddim2"] >= 0
+    assert metrics["optimized_metric"] == "fd_digits_8_dpmpp2"
+    assert objective_value(metrics) == metrics["fd_digits_8_dpmpp2"] >= 0
 
     named = compose_cfg("optimized_metric=nll_bpd")
     named.paths.output_dir = str(tmp_path / "named")
@@ -128,5 +128,5 @@ def test_short_digits_run_with_the_default_callbacks_evaluates_at_digits_size(
     metrics = train(cfg)
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert on_disk["global_step"] == 20 and on_disk["nll_num_images"] == 100
-    assert on_disk["nll_bpd"] > 0 and on_disk["fd_digits_1k_ddim50"] >= 0
-    assert metrics["optimized_metric"] == "fd_digits_1k_ddim50"
+    assert on_disk["nll_bpd"] > 0 and on_disk["fd_digits_1k_dpmpp15"] >= 0
+    assert metrics["optimized_metric"] == "fd_digits_1k_dpmpp15"

@@ -65,7 +65,7 @@ def test_quickstart_optuna_composes_a_search_of_the_quickstart(optuna_sweeper):
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     assert sweeper.direction == "minimize" and sweeper.n_trials == 20
     # The objective is the metric the quickstart's end-of-training evaluation computes.
-    assert cfg.optimized_metric == "fd_digits_1k_ddim50"
+    assert cfg.optimized_metric == "fd_digits_1k_dpmpp15"
     assert sample_quality_keys(cfg)["fd"] == [cfg.optimized_metric]
     assert cfg.task_name == "quickstart_optuna"  # its log directory and W&B group
 
@@ -90,7 +90,7 @@ def test_two_optuna_trials_of_a_tiny_model_end_to_end(optuna_sweeper, tmp_path):
     sweep_dir = tmp_path / "sweep"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     # TINY on the command line, with the end-of-training sample-quality evaluation kept but
-    # small (its metric is then fd_digits_8_ddim2) and without TINY's warm-up, which the search
+    # small (its metric is then fd_digits_8_dpmpp2) and without TINY's warm-up, which the search
     # sets.
     tiny = [
         *(o for o in TINY if "sample_quality" not in o and not o.startswith("module.lr_warmup")),
@@ -107,7 +107,7 @@ def test_two_optuna_trials_of_a_tiny_model_end_to_end(optuna_sweeper, tmp_path):
         "experiment=quickstart",
         _search_override(),
         *tiny,
-        "optimized_metric=fd_digits_8_ddim2",
+        "optimized_metric=fd_digits_8_dpmpp2",
         f"paths.root_dir={tmp_path}",
         f"hydra.sweep.dir={sweep_dir}",
         "hydra.sweeper.n_trials=2",
@@ -136,8 +136,8 @@ def test_two_optuna_trials_of_a_tiny_model_end_to_end(optuna_sweeper, tmp_path):
         assert set(trial.params) == SEARCHED
         (job_dir,) = sweep_dir.glob(f"{trial.number}-*")  # <hydra.job.num>-<run_name>
         metrics = OmegaConf.load(job_dir / "metrics.json")
-        assert metrics.optimized_metric == "fd_digits_8_ddim2"
-        assert trial.value == pytest.approx(metrics.fd_digits_8_ddim2, rel=1e-12)
+        assert metrics.optimized_metric == "fd_digits_8_dpmpp2"
+        assert trial.value == pytest.approx(metrics.fd_digits_8_dpmpp2, rel=1e-12)
         job_cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")  # the trial's parameters
         for key, value in trial.params.items():  # were the ones the job trained with
             assert OmegaConf.select(job_cfg, key) == pytest.approx(value), key

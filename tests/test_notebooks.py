@@ -169,7 +169,7 @@ def test_load_sweep_terms_and_table(tmp_path: Path) -> None:
             "diverged": False,
             "final_train_loss": 0.123456,
             "nll_bpd": 3.5,
-            "fd_digits_1k_ddim50": 12.0,
+            "fd_digits_1k_dpmpp15": 12.0,
         },
     )
     terms = np.linspace(1.0, 0.1, 10)

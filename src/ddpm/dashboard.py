@@ -7,7 +7,7 @@ dashboard is composed from (the same Hydra overrides as the sweep), with the pro
 naming function (:func:`ddpm.metrics.evaluate.name_sample_quality`):
 
 - ``{fd}``: the Fréchet distance of the end-of-training sample-quality evaluation
-  (``fid_10k_ddim100`` on CIFAR-10, ``fid_50k`` with ``+scale=paper``, ``fd_digits_1k_ddim50``
+  (``fid_10k_ddim100`` on CIFAR-10, ``fid_50k`` with ``+scale=paper``, ``fd_digits_1k_dpmpp15``
   on digits, ``fd_digits_400`` with ``+scale=cpu``);
 - ``{is}``: the Inception score next to it (Inception features only);
 - ``{fd_curve}``, ``{is_curve}``: the same for every evaluation, periodic ones included;
@@ -77,7 +77,7 @@ _PROTOCOL = (
     r"_\d+k?(_(ddpm|ddim|dpmpp|heun)\d+(_eta[0-9a-z.+-]+)?"
     r"(_(linspace|uniform|trailing|logsnr|karras))?)?$"
 )
-#: Every Fréchet-distance key, whatever the protocol: ``fid_50k``, ``fd_digits_1k_ddim50``.
+#: Every Fréchet-distance key, whatever the protocol: ``fid_50k``, ``fd_digits_1k_dpmpp15``.
 FD_REGEX = r"^(fid|fd_digits)" + _PROTOCOL
 #: Every Inception-score key (not its ``_std``): ``is_50k``, ``is_10k_ddim100``.
 IS_REGEX = r"^is" + _PROTOCOL

@@ -220,7 +220,7 @@ def _optimized_metric_name(cfg: DictConfig, metrics: dict[str, Any], trainer: pl
     """The key of ``metrics`` that Hydra sweepers optimise (``cfg.optimized_metric``).
 
     None in the config picks the metric of the end-of-training sample-quality evaluation (its
-    name carries the protocol, e.g. ``fd_digits_1k_ddim50``), else ``nll_bpd``, else the final
+    name carries the protocol, e.g. ``fd_digits_1k_dpmpp15``), else ``nll_bpd``, else the final
     training loss.
 
     Whether it was computed is checked by :func:`_check_optimized_metric`.
@@ -249,7 +249,7 @@ def _check_optimized_metric(metrics: dict[str, Any]) -> None:
     raise ConfigError(
         f"optimized_metric={name!r} was not computed by this run (metrics.json is written); it "
         f"computed {computed}. Set optimized_metric to one of them (names carry the protocol, "
-        "e.g. fd_digits_1k_ddim50) or enable the callback that computes it"
+        "e.g. fd_digits_1k_dpmpp15) or enable the callback that computes it"
     )
 
 

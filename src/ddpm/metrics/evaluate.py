@@ -285,7 +285,7 @@ def evaluate_sample_quality(
 
     Returns:
         on every rank, e.g. ``{"fid_50k": …, "is_50k": …, "is_50k_std": …}`` (keys from
-        :func:`metric_prefix`), or ``{"fd_digits_1k_ddim50": …}`` for digits.
+        :func:`metric_prefix`), or ``{"fd_digits_1k_dpmpp15": …}`` for digits.
 
     Raises:
         InceptionWeightsUnavailable: the weights cannot be found or downloaded; the message says
