@@ -58,7 +58,9 @@ def test_the_experiment_list_is_the_same_everywhere():
     }
     assert files >= set(EXPERIMENTS)
     assert [o.experiment for o in ablation.OBJECTIVES] == list(EXPERIMENTS)
-    assert {o.experiment: o.key for o in ablation.OBJECTIVES} == EXPERIMENTS
+    assert {o.experiment: o.key for o in ablation.OBJECTIVES} == {
+        name: (*key, "none") for name, key in EXPERIMENTS.items()
+    }
     makefile = (ROOT / "Makefile").read_text()
     match = re.search(r"^ABLATION_EXPERIMENTS := (.+)$", makefile, flags=re.MULTILINE)
     assert match is not None and match.group(1).split(",") == list(EXPERIMENTS)
@@ -201,7 +203,12 @@ def test_find_runs_searches_recursively_and_skips_non_runs(sweep):
 def test_classify_run_statuses(sweep):
     linear = sweep / "linear"
     ok = ablation.classify_run(linear / "0-eps-simple")
-    assert (ok.status, ok.objective_key, ok.schedule, ok.seed) == ("ok", EPS_SIMPLE, "linear", 0)
+    assert (ok.status, ok.objective_key, ok.schedule, ok.seed) == (
+        "ok",
+        (*EPS_SIMPLE, "none"),
+        "linear",
+        0,
+    )
     diverged = ablation.classify_run(linear / "3-mu-simple")
     assert diverged.status == "unstable"
     assert diverged.reason == "diverged (non-finite loss at step 123)"
@@ -211,10 +218,10 @@ def test_classify_run_statuses(sweep):
     # The threshold is a parameter: 30% tolerates this run.
     assert ablation.classify_run(linear / "4-mu-vlb", max_out_of_range=0.3).status == "ok"
     crashed = ablation.classify_run(linear / "6-eps-learned")
-    assert crashed.status == "crashed" and crashed.objective_key == EPS_LEARNED
+    assert crashed.status == "crashed" and crashed.objective_key == (*EPS_LEARNED, "none")
     assert crashed.metrics is None and crashed.seed == 0
     no_config = ablation.classify_run(sweep / "cosine" / "3-x0-small-vlb")
-    assert no_config.objective_key == ("x0", "fixed_small", "vlb") and no_config.seed == 0
+    assert no_config.objective_key == ("x0", "fixed_small", "vlb", "none") and no_config.seed == 0
 
 
 def test_table_cells(sweep):

@@ -67,6 +67,10 @@ _NOT_RUNS = {"wandb", "checkpoints", "samples", "nll", "csv", "tensorboard", "ev
 _SAMPLE_QUALITY_PREFIXES = ("fid_", "fd_digits_", "is_")
 
 
+#: (parameterisation, variance, loss, weighting): what makes two runs the same objective.
+ObjectiveKey = tuple[str, str, str, str]
+
+
 @dataclass(frozen=True)
 class Objective:
     """One objective row: the experiment config, its groups, its label and the paper's numbers.
@@ -84,10 +88,11 @@ class Objective:
     paper_is: str | None = None
     paper_fid: str | None = None
     paper_nll: str | None = None
+    weighting: str = "none"
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.parameterization, self.variance, self.loss)
+    def key(self) -> ObjectiveKey:
+        return (self.parameterization, self.variance, self.loss, self.weighting)
 
 
 #: The rows of the table, in the paper's order, then the extensions.
@@ -150,12 +155,13 @@ class RunRecord:
     status: str = "ok"
     reason: str = ""
     evaluations: dict[str, float] = field(default_factory=dict)
+    weighting: str = "none"
 
     @property
-    def objective_key(self) -> tuple[str, str, str] | None:
+    def objective_key(self) -> ObjectiveKey | None:
         if None in (self.parameterization, self.variance, self.loss):
             return None
-        return (self.parameterization, self.variance, self.loss)  # type: ignore[return-value]
+        return (self.parameterization, self.variance, self.loss, self.weighting)  # type: ignore[return-value]
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -238,6 +244,7 @@ def classify_run(path: str | Path, max_out_of_range: float = DEFAULT_MAX_OUT_OF_
     for i, group in enumerate(("parameterization", "variance", "loss")):
         if parts[i] is None:
             parts[i] = _select(cfg, f"{group}.name")
+    weighting = (metrics or {}).get("weighting") or _select(cfg, "weighting.name") or "none"
     schedule = (metrics or {}).get("schedule") or _select(cfg, "schedule.name")
     seed = (metrics or {}).get("seed")
     if seed is None:
@@ -251,6 +258,7 @@ def classify_run(path: str | Path, max_out_of_range: float = DEFAULT_MAX_OUT_OF_
         seed=int(seed) if isinstance(seed, (int, float)) else None,
         metrics=metrics,
         config=cfg,
+        weighting=str(weighting),
     )
     if metrics is None:
         record.status, record.reason = "crashed", problem
@@ -428,7 +436,7 @@ def build_table(
         fd_key, is_key = auto_fd, auto_is
     else:
         is_key = "is_" + fd_key.split("_", 1)[1] if fd_key.startswith("fid_") else None
-    groups: dict[tuple[tuple[str, str, str], str], list[RunRecord]] = {}
+    groups: dict[tuple[ObjectiveKey, str], list[RunRecord]] = {}
     unclassified = []
     for run in runs:
         if run.objective_key is None or run.schedule is None:
@@ -439,7 +447,7 @@ def build_table(
     known = [o.key for o in OBJECTIVES]
     extra = sorted({key for key, _ in groups if key not in _BY_KEY})
 
-    def order(item: tuple[tuple[str, str, str], str]) -> tuple[int, tuple[int, str]]:
+    def order(item: tuple[ObjectiveKey, str]) -> tuple[int, tuple[int, str]]:
         key, schedule = item
         index = known.index(key) if key in _BY_KEY else len(known) + extra.index(key)
         return index, _schedule_rank(schedule)
@@ -449,8 +457,11 @@ def build_table(
         members = groups[(key, schedule)]
         objective = _BY_KEY.get(key)
         if objective is None:
-            p, v, loss = key
-            objective = Objective("", p, v, loss, f"{p} prediction, loss={loss}, variance={v}")
+            p, v, loss, w = key
+            label = f"{p} prediction, loss={loss}, variance={v}"
+            if w != "none":
+                label += f", weighting={w}"
+            objective = Objective("", p, v, loss, label, weighting=w)
         row = TableRow(
             experiment=objective.experiment,
             label=objective.label,

@@ -152,6 +152,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics: dict[str, Any] = {
             "run_name": cfg.get("run_name"),
             "diffusion": diffusion_name,
+            "weighting": module.diffusion.weighting.name,
             "schedule": cfg.schedule.name,
             "num_timesteps": int(cfg.schedule.num_timesteps),
             "seed": int(cfg.seed),

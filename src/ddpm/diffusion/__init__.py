@@ -46,6 +46,7 @@ from ddpm.diffusion.variance import (
     Variance,
     make_variance,
 )
+from ddpm.diffusion.weighting import WEIGHTINGS, Weighting, make_weighting
 
 __all__ = [
     "DEFAULT_SPACING",
@@ -55,6 +56,7 @@ __all__ = [
     "SCHEDULES",
     "SPACINGS",
     "VARIANCES",
+    "WEIGHTINGS",
     "EpsParameterization",
     "FixedLargeVariance",
     "FixedSmallVariance",
@@ -73,6 +75,7 @@ __all__ = [
     "VLBLoss",
     "VParameterization",
     "Variance",
+    "Weighting",
     "X0Parameterization",
     "approx_standard_normal_cdf",
     "discretized_gaussian_log_likelihood",
@@ -82,6 +85,7 @@ __all__ = [
     "make_parameterization",
     "make_timestep_sampler",
     "make_variance",
+    "make_weighting",
     "mean_flat",
     "mean_flat_bpd",
     "normal_kl",

@@ -27,6 +27,7 @@ from ddpm.diffusion.losses import Loss, make_loss
 from ddpm.diffusion.parameterization import Parameterization, make_parameterization
 from ddpm.diffusion.schedule import schedule_tables
 from ddpm.diffusion.variance import Variance, make_variance
+from ddpm.diffusion.weighting import Weighting, implied_weight, log_snr, make_weighting
 
 __all__ = ["GaussianDiffusion", "Net"]
 
@@ -145,17 +146,35 @@ class GaussianDiffusion(nn.Module):
         loss: str | Loss = "simple",
         loss_kwargs: dict[str, Any] | None = None,
         dtype: torch.dtype = torch.float32,
+        weighting: str | Weighting = "none",
+        weighting_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.parameterization = make_parameterization(parameterization)
         self.variance = make_variance(variance)
         self.loss = make_loss(loss, **dict(loss_kwargs or {}))
         self.loss.validate(self.parameterization, self.variance)
+        self.weighting = make_weighting(weighting, **dict(weighting_kwargs or {}))
+        if self.weighting.name != "none" and self.loss.name != "simple":
+            raise ValueError(
+                f"weighting={self.weighting.name} with loss={self.loss.name}: a weighting replaces "
+                "the MSE of loss=simple (loss=vlb is itself the ELBO weighting). Use loss=simple "
+                f"with weighting={self.weighting.name}, or weighting=none."
+            )
         tables = schedule_tables(torch.as_tensor(betas, dtype=torch.float64))
         self.num_timesteps = int(tables["betas"].numel())
         self.betas_float64 = tables["betas"]  # kept on the host for respacing, never per step
         for name, value in tables.items():
             self.register_buffer(name, value.to(dtype), persistent=False)
+        if self.weighting.name != "none":
+            weights = self.weighting.table(self)
+            if not torch.isfinite(weights).all() or (weights < 0).any():
+                raise ValueError(
+                    f"weighting={self.weighting.name} gives non-finite or negative weights on "
+                    "this schedule"
+                )
+            #: w(t) ``[T]`` on the ε-MSE of loss=simple.
+            self.register_buffer("weights", weights.to(dtype), persistent=False)
         self._respaced: OrderedDict[tuple, GaussianDiffusion] = OrderedDict()  # LRU, see respaced
 
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> GaussianDiffusion:
@@ -273,6 +292,56 @@ class GaussianDiffusion(nn.Module):
         )
 
     # ------------------------------------------------------------------ objectives
+    def effective_weighting(self, timestep_sampler: Any | None = None) -> dict[str, torch.Tensor]:
+        """What the configured objective weights, per timestep: the weight on the ε-MSE of the
+        mean and the density of t (and so of λ) it is applied with.
+
+        The training objective is Σₜ density(t) · weight(t) · E‖ε − ε̂‖²/dims (+ terms that do not
+        train the mean). ``weight``: for ``loss=simple`` the weighting's w(t), or with
+        ``weighting=none`` the weight the parameterisation's plain MSE implies (ε 1, x₀ 1/SNR,
+        v 1/ᾱ, μ̃ β²/(α(1−ᾱ))); for ``loss=vlb`` the bound's weight (bits/dim, fixed variances
+        only); for ``loss=hybrid`` the L_simple part (its bound term has the mean detached).
+        ``density``: 1/T for the uniform sampler and for samplers that reweight the loss by
+        1/(T p(t)) (the loss-second-moment sampler: its objective is the uniform one); p(t) for a
+        sampler with ``importance_weighted = False``.
+
+        Returns:
+            float64 host tensors ``[T]``: ``t`` (index), ``log_snr`` (λₜ), ``weight``,
+            ``density`` and ``effective`` (= weight · density).
+
+        Raises:
+            ValueError: ``loss=vlb`` with a learned variance (its weight depends on the learned
+                σ), or a parameterisation without a known implied weight.
+        """
+        betas = self.betas_float64
+        if self.loss.name == "vlb":
+            from ddpm.diffusion.weighting import ELBOWeighting
+
+            if self.variance.learned:
+                raise ValueError(
+                    f"loss=vlb with variance={self.variance.name}: the bound's weight on the "
+                    "ε-MSE depends on the learned variance; use a fixed variance"
+                )
+            weight = ELBOWeighting().table(self)
+        elif self.weighting.name != "none":
+            weight = self.weighting.table(self)
+        else:
+            weight = implied_weight(self.parameterization.name, betas)
+        T = self.num_timesteps
+        density = torch.full((T,), 1.0 / T, dtype=torch.float64)
+        if timestep_sampler is not None and not getattr(
+            timestep_sampler, "importance_weighted", True
+        ):
+            density = timestep_sampler.probabilities(torch.device("cpu")).double()
+        abar = torch.cumprod(1.0 - betas, 0)
+        return {
+            "t": torch.arange(T),
+            "log_snr": log_snr(abar),
+            "weight": weight,
+            "density": density,
+            "effective": weight * density,
+        }
+
     def training_losses(
         self,
         net: Net,

@@ -53,7 +53,12 @@ def _simple_mse(d, output, x0, x_t, t, noise) -> torch.Tensor:
 
 
 class SimpleLoss(Loss):
-    """L_simple: unweighted MSE between the parameterisation's target and its output (mean over dims)."""
+    """L_simple: the MSE between the parameterisation's target and its output (mean over dims).
+
+    With a weighting other than ``none`` (``GaussianDiffusion(weighting=...)``) the loss is
+    ``w(t) · mean over dims of (ε − ε̂)²`` instead, ε̂ the ε implied by the output, and ``mse``
+    is that ε-space MSE.
+    """
 
     name = "simple"
 
@@ -66,8 +71,13 @@ class SimpleLoss(Loss):
             )
 
     def __call__(self, d, output, x0, x_t, t, noise):
-        mse = _simple_mse(d, output, x0, x_t, t, noise)
-        return {"loss": mse, "mse": mse}
+        if d.weighting.name == "none":
+            mse = _simple_mse(d, output, x0, x_t, t, noise)
+            return {"loss": mse, "mse": mse}
+        mean_output, _ = d.split_output(output)
+        eps_hat = d.parameterization.pred_eps(d, mean_output, x_t, t)
+        mse = mean_flat((noise - eps_hat).square())
+        return {"loss": d.weights[t].to(mse.dtype) * mse, "mse": mse}
 
 
 class VLBLoss(Loss):

@@ -51,6 +51,12 @@ class Parameterization:
         """What a perfect network outputs: the L_simple regression target."""
         raise NotImplementedError
 
+    def pred_eps(
+        self, d: GaussianDiffusion, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """ε̂ implied by the network output: (x_t − √ᾱₜ x̂₀)/√(1−ᾱₜ)."""
+        return d.pred_eps_from_x0(x_t, t, self.pred_x0(d, output, x_t, t))
+
     def mean(
         self,
         d: GaussianDiffusion,
@@ -79,6 +85,9 @@ class EpsParameterization(Parameterization):
 
     def target(self, d, x0, x_t, t, noise):
         return noise
+
+    def pred_eps(self, d, output, x_t, t):
+        return output
 
 
 class X0Parameterization(Parameterization):

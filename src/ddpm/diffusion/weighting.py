@@ -1,0 +1,218 @@
+"""Objectives as weightings of the ε-space MSE (Kingma & Gao 2023, "Understanding Diffusion Objectives").
+
+With SNRₜ = ᾱₜ/(1−ᾱₜ) and λₜ = log SNRₜ, a weighting is a function of t through SNRₜ that gives the
+weight w(t) on the ε-space MSE: the per-example loss is ``w(t) · mean over dims of (ε − ε̂)²``,
+where ε̂ is the ε implied by the network output (for every parameterisation). The weights are the
+formulas as written, with no normalisation:
+
+* ``none``: no weighting, the parameterisation's own plain MSE (today's ``loss=simple``).
+* ``elbo``: βₜ²/(2σₜ² αₜ (1−ᾱₜ) ln 2), the weight of the bound's term L_{t−1} with the configured
+  fixed variance σₜ² (bits/dim, the units of ``loss=vlb``); for t ≥ 1 ``weighting=elbo`` and
+  ``loss=vlb`` differ by a constant that does not depend on the network.
+* ``min_snr``: min(SNRₜ, γ)/SNRₜ (Hang et al. 2023), γ = 5.
+* ``p2``: 1/(k + SNRₜ)^γ (Choi et al. 2022), k = 1, γ = 1.
+* ``sigmoid``: ½ sigmoid(b − λₜ) (−dλ/dt) (Kingma & Gao 2023) with t ∈ [0, 1], −dλ/dt taken as
+  T (λ_{t−1} − λₜ) on the discrete schedule (one-sided at the first step); b is the shift.
+* ``edm``: 1 + 1/(σ_d² SNRₜ) (Karras et al. 2022, their x₀-space λ(σ) = (σ² + σ_d²)/(σ σ_d)²),
+  σ_d = 0.5.
+
+Each class computes its table ``[T]`` once, in float64, from the schedule; the diffusion stores it
+as a buffer, so a training step indexes it on the device without a host copy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion
+
+__all__ = [
+    "WEIGHTINGS",
+    "EDMWeighting",
+    "ELBOWeighting",
+    "MinSNRWeighting",
+    "NoWeighting",
+    "P2Weighting",
+    "SigmoidWeighting",
+    "Weighting",
+    "implied_weight",
+    "log_snr",
+    "make_weighting",
+    "snr",
+]
+
+
+def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """SNRₜ = ᾱₜ/(1−ᾱₜ) ``[T]``."""
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """λₜ = log ᾱₜ − log(1−ᾱₜ) ``[T]``."""
+    return alphas_cumprod.log() - torch.log1p(-alphas_cumprod)
+
+
+class Weighting:
+    """Base class: :meth:`table` gives w(t) on the ε-MSE for every t, float64 ``[T]``."""
+
+    name: str = ""
+
+    def table(self, d: GaussianDiffusion) -> torch.Tensor:
+        """w(t) ``[T]`` float64 on the host, from ``d``'s float64 βs (and, for ``elbo``, its
+        variance)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+def _alphas_cumprod(d: GaussianDiffusion) -> torch.Tensor:
+    return torch.cumprod(1.0 - d.betas_float64, 0)
+
+
+class NoWeighting(Weighting):
+    """No weighting: each parameterisation's plain MSE (its implied ε-weight: :func:`implied_weight`)."""
+
+    name = "none"
+
+    def table(self, d):
+        return implied_weight(d.parameterization.name, d.betas_float64)
+
+
+class ELBOWeighting(Weighting):
+    """βₜ²/(2σₜ²αₜ(1−ᾱₜ) ln 2): the bound's weight with the configured fixed σₜ², in bits/dim."""
+
+    name = "elbo"
+
+    def table(self, d):
+        betas = d.betas_float64
+        abar = _alphas_cumprod(d)
+        log_variance = _fixed_log_variance(d)
+        return (
+            betas.square()
+            / (2.0 * log_variance.exp() * (1.0 - betas) * (1.0 - abar))
+            / math.log(2.0)
+        )
+
+
+class MinSNRWeighting(Weighting):
+    """min(SNRₜ, γ)/SNRₜ (Hang et al. 2023)."""
+
+    name = "min_snr"
+
+    def __init__(self, gamma: float = 5.0) -> None:
+        if not gamma > 0:
+            raise ValueError(f"gamma={gamma}: min-SNR needs gamma > 0 (the paper uses 5)")
+        self.gamma = float(gamma)
+
+    def table(self, d):
+        s = snr(_alphas_cumprod(d))
+        return s.clamp(max=self.gamma) / s
+
+
+class P2Weighting(Weighting):
+    """1/(k + SNRₜ)^γ (Choi et al. 2022)."""
+
+    name = "p2"
+
+    def __init__(self, k: float = 1.0, gamma: float = 1.0) -> None:
+        if not k > 0 or gamma < 0:
+            raise ValueError(f"k={k}, gamma={gamma}: P2 needs k > 0 and gamma >= 0")
+        self.k, self.gamma = float(k), float(gamma)
+
+    def table(self, d):
+        return (self.k + snr(_alphas_cumprod(d))).pow(-self.gamma)
+
+
+class SigmoidWeighting(Weighting):
+    """½ sigmoid(b − λₜ)(−dλ/dt), t ∈ [0, 1] (Kingma & Gao 2023); ``shift`` is b."""
+
+    name = "sigmoid"
+
+    def __init__(self, shift: float = 0.0) -> None:
+        self.shift = float(shift)
+
+    def table(self, d):
+        lam = log_snr(_alphas_cumprod(d))
+        T = lam.numel()
+        # λ decreases in t; −dλ/dt with t = index/T: T·(λ_{t−1} − λₜ), one-sided at index 0.
+        step = torch.cat([lam[:1] - lam[1:2], lam[:-1] - lam[1:]]) * T
+        return 0.5 * torch.sigmoid(self.shift - lam) * step
+
+
+class EDMWeighting(Weighting):
+    """1 + 1/(σ_d² SNRₜ): EDM's loss weight (Karras et al. 2022) on the ε-MSE."""
+
+    name = "edm"
+
+    def __init__(self, sigma_data: float = 0.5) -> None:
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data={sigma_data}: must be > 0 (EDM uses 0.5)")
+        self.sigma_data = float(sigma_data)
+
+    def table(self, d):
+        return 1.0 + 1.0 / (self.sigma_data**2 * snr(_alphas_cumprod(d)))
+
+
+WEIGHTINGS: dict[str, type[Weighting]] = {
+    cls.name: cls
+    for cls in (
+        NoWeighting,
+        ELBOWeighting,
+        MinSNRWeighting,
+        P2Weighting,
+        SigmoidWeighting,
+        EDMWeighting,
+    )
+}
+
+
+def make_weighting(name: str | Weighting, **kwargs: float) -> Weighting:
+    """A weighting from its name (``none``, ``elbo``, ``min_snr``, ``p2``, ``sigmoid``, ``edm``)
+    and parameters, or an instance (returned as it is)."""
+    if isinstance(name, Weighting):
+        return name
+    if name not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}: choose one of {sorted(WEIGHTINGS)}")
+    try:
+        return WEIGHTINGS[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad parameters {kwargs} for weighting {name!r}: {err}") from None
+
+
+def implied_weight(parameterization: str, betas: torch.Tensor) -> torch.Tensor:
+    """The ε-MSE weight ``[T]`` that each parameterisation's plain MSE implies (float64).
+
+    ε: 1; x₀: 1/SNRₜ; v: 1/ᾱₜ; μ̃: βₜ²/(αₜ(1−ᾱₜ)) (exact identities: ``../shared/PAPER.md``).
+    """
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    abar = torch.cumprod(1.0 - betas, 0)
+    if parameterization == "eps":
+        return torch.ones_like(betas)
+    if parameterization == "x0":
+        return 1.0 / snr(abar)
+    if parameterization == "v":
+        return 1.0 / abar
+    if parameterization == "mu":
+        return betas.square() / ((1.0 - betas) * (1.0 - abar))
+    raise ValueError(f"no implied weight for parameterization {parameterization!r}")
+
+
+def _fixed_log_variance(d: GaussianDiffusion) -> torch.Tensor:
+    """log σₜ² ``[T]`` float64 of ``d``'s fixed variance, the one the bound's p_θ uses."""
+    from ddpm.diffusion.schedule import schedule_tables
+
+    tables = schedule_tables(d.betas_float64)
+    if d.variance.name == "fixed_large":
+        return tables["fixed_large_log_variance"]
+    if d.variance.name == "fixed_small":
+        return tables["posterior_log_variance_clipped"]
+    raise ValueError(
+        f"weighting=elbo needs a fixed variance, not variance={d.variance.name}; use "
+        "variance=fixed_large or variance=fixed_small"
+    )
