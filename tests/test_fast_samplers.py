@@ -308,3 +308,91 @@ def test_stratified_argument_errors() -> None:
     for k in (1, d.num_timesteps + 1):
         with pytest.raises(ValueError, match=f"num_terms={k}"):
             d.nll_bpd_stratified(net, x0, num_terms=k)
+
+
+# ---------------------------------------------------------------------------- zero terminal SNR
+def _zero_snr_toy_net(param: str, T: int = T):
+    """The Bayes-optimal output for the toy data on the rescaled schedule (own float64 ᾱ)."""
+    sqrt_abar = torch.cumprod(
+        1.0 - torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64), 0
+    ).sqrt()
+    abar = ((sqrt_abar - sqrt_abar[-1]) * sqrt_abar[0] / (sqrt_abar[0] - sqrt_abar[-1])).square()
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = abar[t].view(-1, *[1] * (x.dim() - 1))
+        var = ab * S**2 + 1.0 - ab
+        centred = x - ab.sqrt() * MU
+        eps = (1.0 - ab).sqrt() * centred / var
+        x0 = MU + ab.sqrt() * S**2 * centred / var
+        return {"x0": x0, "v": ab.sqrt() * eps - (1.0 - ab).sqrt() * x0}[param]
+
+    return net
+
+
+def test_zero_terminal_snr_schedule_follows_lin_et_al() -> None:
+    """ᾱ_T = 0 exactly; √ᾱ is the affine rescaling that keeps √ᾱ₁ (numpy float64, 1e-12)."""
+    import numpy as np
+
+    from ddpm.diffusion import make_betas
+
+    for name in ("linear", "cosine", "quad", "sigmoid"):
+        plain = make_betas(name, 100).numpy()
+        rescaled = make_betas(name, 100, zero_terminal_snr=True).numpy()
+        s = np.sqrt(np.cumprod(1.0 - plain))
+        expected = ((s - s[-1]) * s[0] / (s[0] - s[-1])) ** 2
+        abar = np.cumprod(1.0 - rescaled)
+        assert abar[-1] == 0.0 and rescaled[-1] == 1.0
+        np.testing.assert_allclose(abar, expected, rtol=1e-12, atol=1e-15)
+        assert rescaled[0] == pytest.approx(plain[0], rel=1e-12)
+        assert (rescaled[:-1] > 0).all() and (rescaled[:-1] < 1).all()
+
+
+def test_zero_terminal_snr_refuses_eps_and_says_what_to_use() -> None:
+    betas = make_betas("linear", 50, zero_terminal_snr=True)
+    with pytest.raises(ValueError, match=r"parameterization=eps.*zero-terminal-SNR.*=v or.*=x0"):
+        GaussianDiffusion(betas, "eps")
+
+
+@pytest.mark.parametrize("param", ["v", "x0"])
+@pytest.mark.parametrize(("name", "steps", "bias"), [*GAUSSIAN_CASES, ("ancestral", None, 0.0)])
+def test_samplers_at_zero_terminal_snr(param: str, name: str, steps, bias: float) -> None:
+    """From SNR = 0 every sampler stays finite and reproduces the Gaussian data (the exact ODE
+    maps x_T ↦ μ + s·x_T there) within Monte-Carlo error plus the scheme's allowance."""
+    d = GaussianDiffusion(
+        make_betas("linear", T, zero_terminal_snr=True), param, dtype=torch.float64
+    )
+    n = N if steps is not None else 4000  # the 1000-step chain: fewer samples, wider tolerance
+    x_T = _x_T(n, seed=3)
+    out = d.sample(
+        _zero_snr_toy_net(param),
+        (n, 1),
+        sampler=name,
+        steps=steps,
+        x_T=x_T,
+        clip_denoised=False,
+        generator=torch.Generator().manual_seed(4),
+    )
+    assert torch.isfinite(out).all()
+    se_mean, se_std = S / math.sqrt(n), S / math.sqrt(2 * n)
+    assert abs(out.mean().item() - MU) < 4 * se_mean
+    assert abs(out.std().item() - S) < 4 * se_std + bias * S
+    if name != "ancestral":  # deterministic: sample by sample near the exact ODE's μ + s·x_T
+        err = (out - (MU + S * x_T)).abs().mean().item()
+        assert err < 0.1, err
+
+
+def test_the_bound_at_zero_terminal_snr() -> None:
+    """Prior term exactly 0 (q(x_T|x₀) = N(0, I)); the full bound and its estimate are finite."""
+    d = GaussianDiffusion(
+        make_betas("linear", 100, zero_terminal_snr=True), "v", dtype=torch.float64
+    )
+    x0 = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(0)).double() * 2 - 1
+    net = _zero_snr_toy_net("v", 100)
+    full = d.nll_bpd(net, x0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(full["prior"], torch.zeros(3, dtype=torch.float64))
+    assert torch.isfinite(full["terms"]).all() and torch.isfinite(full["total"]).all()
+    same = d.nll_bpd_stratified(net, x0, 100, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(same["total"], full["total"], rtol=1e-10, atol=1e-12)
+    for spacing in ("logsnr", "karras"):
+        kept = timestep_spacing(d, 10, spacing)
+        assert int(kept[-1]) == 99 and len(set(kept.tolist())) == 10

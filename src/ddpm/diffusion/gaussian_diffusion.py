@@ -162,6 +162,12 @@ class GaussianDiffusion(nn.Module):
                 f"with weighting={self.weighting.name}, or weighting=none."
             )
         tables = schedule_tables(torch.as_tensor(betas, dtype=torch.float64))
+        if tables["alphas_cumprod"][-1] == 0 and self.parameterization.name == "eps":
+            raise ValueError(
+                "parameterization=eps with a zero-terminal-SNR schedule: x̂₀ = (x_t − √(1−ᾱ) ε̂)/√ᾱ "
+                "divides by √ᾱ_T = 0 at the last step. Use parameterization=v or "
+                "parameterization=x0, or schedule.zero_terminal_snr=false."
+            )
         self.num_timesteps = int(tables["betas"].numel())
         self.betas_float64 = tables["betas"]  # kept on the host for respacing, never per step
         for name, value in tables.items():
@@ -286,9 +292,9 @@ class GaussianDiffusion(nn.Module):
     def pred_eps_from_x0(
         self, x_t: torch.Tensor, t: torch.Tensor, pred_x0: torch.Tensor
     ) -> torch.Tensor:
-        """ε̂ = (x_t − √ᾱₜ x̂₀)/√(1−ᾱₜ)."""
-        return (self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_x0) / self.extract(
-            "sqrt_recipm1_alphas_cumprod", t, x_t
+        """ε̂ = (x_t − √ᾱₜ x̂₀)/√(1−ᾱₜ) (finite at zero terminal SNR, where it is x_T)."""
+        return (x_t - self.extract("sqrt_alphas_cumprod", t, x_t) * pred_x0) / self.extract(
+            "sqrt_one_minus_alphas_cumprod", t, x_t
         )
 
     # ------------------------------------------------------------------ objectives

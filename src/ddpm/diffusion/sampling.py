@@ -64,6 +64,8 @@ DEFAULT_SPACING = {
 }
 
 _KARRAS_RHO = 7.0
+#: EDM's largest σ; the ``karras`` grid starts there at zero terminal SNR, where σ_T = ∞.
+_KARRAS_SIGMA_MAX = 80.0
 
 
 # ---------------------------------------------------------------------------- spacing
@@ -78,6 +80,10 @@ def timestep_spacing(d: GaussianDiffusion, steps: int, spacing: str = "linspace"
     * ``logsnr``: equal steps in λₜ = log(√ᾱₜ/√(1−ᾱₜ)) between λ at T−1 and λ at 0.
     * ``karras``: EDM's σᵢ = (σ_max^{1/ρ} + i/(S−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, ρ = 7, with
       σₜ = √((1−ᾱₜ)/ᾱₜ), σ_max = σ at T−1, σ_min = σ at 0.
+
+    At zero terminal SNR (ᾱ at T−1 is 0: λ = −∞, σ = ∞) the ``logsnr`` and ``karras`` targets
+    are placed on the finite range (``karras`` from σ_max = min(σ at T−2, 80), EDM's σ_max) and
+    the noisiest visited timestep is T−1.
 
     ``logsnr`` and ``karras`` targets are snapped to the discrete timestep nearest in λ (= −log σ),
     because the network only knows integer timesteps; where two targets snap to the same timestep
@@ -101,15 +107,22 @@ def timestep_spacing(d: GaussianDiffusion, steps: int, spacing: str = "linspace"
         kept = ((T - torch.arange(steps, dtype=f64) * (T / steps)).round().long() - 1).flip(0)
     else:
         lam = _log_snr_half(d)  # decreasing in t
+        zero_snr = bool(torch.isinf(lam[-1]))
+        if zero_snr:  # ᾱ_T = 0: λ_T = −∞; place the targets on the finite range, then keep T−1
+            lam = torch.cat([lam[:-1], lam[-2:-1]])
         if spacing == "logsnr":
             targets = torch.linspace(float(lam[0]), float(lam[-1]), steps, dtype=f64)
         else:
             sigma_max, sigma_min = math.exp(-float(lam[-1])), math.exp(-float(lam[0]))
+            if zero_snr:  # σ_T = ∞: start the ρ-grid at EDM's σ_max (or lower), after t = T−1
+                sigma_max = min(sigma_max, _KARRAS_SIGMA_MAX)
             ramp = torch.linspace(0.0, 1.0, steps, dtype=f64)
             inv = 1.0 / _KARRAS_RHO
             sigmas = (sigma_max**inv + ramp * (sigma_min**inv - sigma_max**inv)) ** _KARRAS_RHO
             targets = (-sigmas.log()).flip(0)  # ascending t ↔ descending σ ↔ increasing λ order
         kept = (lam[None, :] - targets[:, None]).abs().argmin(dim=1)
+        if zero_snr:
+            kept[kept.argmax()] = T - 1
     return _strictly_increasing(kept.tolist(), T)
 
 
@@ -215,7 +228,9 @@ def dpmpp_2m(
     (σ = 0, λ = ∞), is first order: it returns x̂₀ at t_{S−1}, exactly as DDIM's last step does.
     ``steps`` network evaluations. Deterministic (``generator`` is unused; it is accepted so all
     samplers share one signature). Default spacing ``logsnr`` (equal h): with ``linspace`` on the
-    linear schedule the λ-steps are very uneven and the solver is much less accurate.
+    linear schedule the λ-steps are very uneven and the solver is much less accurate. At zero
+    terminal SNR (λ₀ = −∞, σ₀ = 1) the first step is h = ∞, e^{−h} = 0: x₁ = σ₁ x_T + α₁ x̂₀,
+    and the next step's r = ∞ makes it first order too; no division by zero.
     """
     ts, abar = _ode_grid(d, steps, spacing or DEFAULT_SPACING["dpmpp_2m"])
     alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()
@@ -264,19 +279,27 @@ def heun(
     and the solver integrates between the *snapped* σ values, so every network evaluation is at
     the exact σ of the integer timestep it is given (no interpolation of t; the snapping only
     perturbs the step sizes). ``steps = S`` costs 2S − 1 network evaluations. Deterministic.
+    At zero terminal SNR (σ₀ = ∞) the first step is the σ → ∞ limit of Euler, x̃₁ = D + σ₁ x_T,
+    without a corrector (2S − 2 evaluations); the ``karras`` grid is then built on the finite σ
+    range and starts at t = T−1.
     """
     ts, abar = _ode_grid(d, steps, spacing or DEFAULT_SPACING["heun"])
-    sig = ((1.0 - abar) / abar).sqrt().tolist()
-    scale = [1.0 / math.sqrt(1.0 + s * s) for s in sig]  # √ᾱ, x = √ᾱ x̃
+    sig = ((1.0 - abar) / abar).sqrt().tolist()  # σ = ∞ at zero terminal SNR (ᾱ = 0)
+    scale = abar.sqrt().tolist()  # x = √ᾱ x̃
     n = len(ts)
-    x_tilde = x_T / scale[0]
+    x_tilde = None if scale[0] == 0 else x_T / scale[0]
     for i in _maybe_progress(range(n), progress):
-        x = x_tilde * scale[i]
+        x = x_T if x_tilde is None else x_tilde * scale[i]
         pred_x0 = _pred_x0(d, net, x, ts[i], clip_denoised)
         if callback is not None:
             callback({"i": i, "t": ts[i], "x": x, "pred_x0": pred_x0, "sigma": sig[i]})
         if i == n - 1:
             return pred_x0  # Euler to σ = 0: x̃ + (0 − σ)(x̃ − D)/σ = D
+        if x_tilde is None:
+            # From σ = ∞ (x_T = ε exactly) the Euler step is the limit x̃ = D + σ_{i+1} x_T; one
+            # evaluation, no corrector (it would need the slope at σ = ∞ a second time).
+            x_tilde = pred_x0 + sig[i + 1] * x_T
+            continue
         slope = (x_tilde - pred_x0) / sig[i]
         dsig = sig[i + 1] - sig[i]
         x_euler = x_tilde + dsig * slope

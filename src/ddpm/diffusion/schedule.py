@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["SCHEDULES", "make_betas", "schedule_tables"]
+__all__ = ["SCHEDULES", "make_betas", "rescale_zero_terminal_snr", "schedule_tables"]
 
 
 def _linear(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -45,12 +45,16 @@ SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def make_betas(name: str, num_timesteps: int, **kwargs: float) -> torch.Tensor:
+def make_betas(
+    name: str, num_timesteps: int, zero_terminal_snr: bool = False, **kwargs: float
+) -> torch.Tensor:
     """Return the β schedule ``name`` as a float64 tensor ``[num_timesteps]``.
 
     Args:
         name: one of ``linear``, ``cosine``, ``quad``, ``sigmoid``.
         num_timesteps: T, at least 2.
+        zero_terminal_snr: rescale the schedule so that ᾱ_T = 0 exactly (Lin et al. 2024,
+            :func:`rescale_zero_terminal_snr`); then β_T = 1 and ε prediction cannot be used.
         **kwargs: schedule parameters (``beta_start``/``beta_end`` for linear, quad and sigmoid;
             ``s``/``max_beta`` for cosine).
     """
@@ -59,9 +63,24 @@ def make_betas(name: str, num_timesteps: int, **kwargs: float) -> torch.Tensor:
     if int(num_timesteps) < 2:
         raise ValueError(f"num_timesteps={num_timesteps}: a diffusion needs at least 2 steps")
     try:
-        return SCHEDULES[name](int(num_timesteps), **kwargs)
+        betas = SCHEDULES[name](int(num_timesteps), **kwargs)
     except TypeError as err:
         raise ValueError(f"bad parameters {kwargs} for schedule {name!r}: {err}") from None
+    return rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2024): √ᾱ′ₜ = (√ᾱₜ − √ᾱ_T)·√ᾱ₁/(√ᾱ₁ − √ᾱ_T), βₜ = 1 − ᾱ′ₜ/ᾱ′ₜ₋₁ (float64 ``[T]``).
+
+    √ᾱ₁ is kept, √ᾱ_T becomes exactly 0 (so β_T = 1), and the map is affine in √ᾱ in between.
+    """
+    sqrt_abar = torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), 0).sqrt()
+    first, last = sqrt_abar[0], sqrt_abar[-1]
+    rescaled = (sqrt_abar - last) * first / (first - last)
+    abar = rescaled.square()
+    abar[-1] = 0.0  # exactly, whatever the rounding
+    previous = torch.cat([abar.new_ones(1), abar[:-1]])
+    return 1.0 - abar / previous
 
 
 def schedule_tables(betas: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -74,9 +93,14 @@ def schedule_tables(betas: torch.Tensor) -> dict[str, torch.Tensor]:
     betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
     if betas.numel() < 2:
         raise ValueError(f"a schedule needs at least 2 steps, got {betas.numel()}")
-    if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas >= 1).any():
-        bad = betas[~((betas > 0) & (betas < 1))]
-        raise ValueError(f"every beta must lie in (0, 1); found {bad[:5].tolist()}")
+    # β_T = 1 is zero terminal SNR (ᾱ_T = 0); every other β must lie in (0, 1).
+    inner_ok = (betas[:-1] > 0) & (betas[:-1] < 1)
+    last_ok = (betas[-1] > 0) & (betas[-1] <= 1)
+    if not torch.isfinite(betas).all() or not inner_ok.all() or not last_ok:
+        bad = torch.cat([betas[:-1][~inner_ok], betas[-1:][~last_ok.reshape(1)]])
+        raise ValueError(
+            f"every beta must lie in (0, 1) (the last in (0, 1]); found {bad[:5].tolist()}"
+        )
     alphas = 1.0 - betas
     alphas_cumprod = torch.cumprod(alphas, dim=0)
     alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
@@ -103,8 +127,12 @@ def schedule_tables(betas: torch.Tensor) -> dict[str, torch.Tensor]:
         "fixed_large_variance": fixed_large_variance,
         "fixed_large_log_variance": torch.log(fixed_large_variance),
     }
+    # At zero terminal SNR x̂₀ cannot be read from ε̂ at t = T (÷ √ᾱ_T = 0): those two tables
+    # are infinite there, and the diffusion refuses ε prediction on such a schedule.
+    unbounded = {"sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"}
     for key, value in tables.items():
-        if not torch.isfinite(value).all():
+        checked = value[:-1] if key in unbounded and alphas_cumprod[-1] == 0 else value
+        if not torch.isfinite(checked).all():
             raise ValueError(f"schedule table {key!r} has non-finite entries; check the betas")
     if not (alphas_cumprod[1:] < alphas_cumprod[:-1]).all():
         raise ValueError("alphas_cumprod must decrease strictly; check the betas")
