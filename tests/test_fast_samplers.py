@@ -30,11 +30,22 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _toy_net(param: str, T: int = T) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The Bayes-optimal output for the toy data (own float64 ᾱ table)."""
+def _toy_abar(T: int = T, zero_terminal_snr: bool = False) -> torch.Tensor:
+    """ᾱ of the linear schedule, own float64 table; optionally Lin et al.'s rescaling to ᾱ_T = 0."""
     abar = torch.cumprod(
         1.0 - torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64), 0
     )
+    if zero_terminal_snr:
+        s = abar.sqrt()
+        abar = ((s - s[-1]) * s[0] / (s[0] - s[-1])).square()
+    return abar
+
+
+def _toy_net(
+    param: str, T: int = T, zero_terminal_snr: bool = False
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The Bayes-optimal output for the toy data (own float64 ᾱ table)."""
+    abar = _toy_abar(T, zero_terminal_snr)
 
     def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = abar[t].view(-1, *[1] * (x.dim() - 1))
@@ -311,24 +322,6 @@ def test_stratified_argument_errors() -> None:
 
 
 # ---------------------------------------------------------------------------- zero terminal SNR
-def _zero_snr_toy_net(param: str, T: int = T):
-    """The Bayes-optimal output for the toy data on the rescaled schedule (own float64 ᾱ)."""
-    sqrt_abar = torch.cumprod(
-        1.0 - torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64), 0
-    ).sqrt()
-    abar = ((sqrt_abar - sqrt_abar[-1]) * sqrt_abar[0] / (sqrt_abar[0] - sqrt_abar[-1])).square()
-
-    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ab = abar[t].view(-1, *[1] * (x.dim() - 1))
-        var = ab * S**2 + 1.0 - ab
-        centred = x - ab.sqrt() * MU
-        eps = (1.0 - ab).sqrt() * centred / var
-        x0 = MU + ab.sqrt() * S**2 * centred / var
-        return {"x0": x0, "v": ab.sqrt() * eps - (1.0 - ab).sqrt() * x0}[param]
-
-    return net
-
-
 def test_zero_terminal_snr_schedule_follows_lin_et_al() -> None:
     """ᾱ_T = 0 exactly; √ᾱ is the affine rescaling that keeps √ᾱ₁ (numpy float64, 1e-12)."""
     import numpy as np
@@ -364,7 +357,7 @@ def test_samplers_at_zero_terminal_snr(param: str, name: str, steps, bias: float
     n = N if steps is not None else 4000  # the 1000-step chain: fewer samples, wider tolerance
     x_T = _x_T(n, seed=3)
     out = d.sample(
-        _zero_snr_toy_net(param),
+        _toy_net(param, zero_terminal_snr=True),
         (n, 1),
         sampler=name,
         steps=steps,
@@ -387,7 +380,7 @@ def test_the_bound_at_zero_terminal_snr() -> None:
         make_betas("linear", 100, zero_terminal_snr=True), "v", dtype=torch.float64
     )
     x0 = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(0)).double() * 2 - 1
-    net = _zero_snr_toy_net("v", 100)
+    net = _toy_net("v", 100, zero_terminal_snr=True)
     full = d.nll_bpd(net, x0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(full["prior"], torch.zeros(3, dtype=torch.float64))
     assert torch.isfinite(full["terms"]).all() and torch.isfinite(full["total"]).all()
