@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from conftest import TINY  # tests/ is on sys.path under pytest
 from ddpm import ablation
 from ddpm.builders import build_diffusion
+from ddpm.diffusion.sampling import SamplerSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,10 +79,11 @@ def test_cpu_scale_composes_with_every_experiment(compose_cfg, schedule):
         assert cfg.trainer.accelerator == "cpu" and cfg.task_name == "ablation_cpu"
         # One evaluation protocol for every row: full ancestral sampler, fixed NLL subset.
         quality = cfg.callbacks.sample_quality
-        assert quality.steps is None and quality.eta is None and quality.num_samples == 400
+        assert (quality.sampler, quality.steps, quality.num_samples) == ("ancestral", None, 400)
         assert cfg.callbacks.nll.num_images == 100 and cfg.callbacks.nll.split == "test"
         assert cfg.final_eval.range_check_samples > 0
         assert cfg.callbacks.sample_grid.steps is None
+        assert cfg.callbacks.sample_grid.sampler == "ancestral"
 
 
 def test_paper_scale_keeps_the_paper_run_and_adds_the_paper_protocol(compose_cfg):
@@ -93,11 +95,11 @@ def test_paper_scale_keeps_the_paper_run_and_adds_the_paper_protocol(compose_cfg
     assert "sample_quality_final" not in cfg.callbacks
     final = instantiate(cfg.callbacks.sample_quality)
     assert final.run_on_train_end and final.every_n_steps == 0
-    assert final.num_samples == 50_000 and final.steps is None and final.eta is None
+    assert final.num_samples == 50_000 and final.sampler == SamplerSpec("ancestral")
     assert final.compute_is and final.is_splits == 10
     periodic = instantiate(cfg.callbacks.sample_quality_periodic)
     assert not periodic.run_on_train_end and periodic.every_n_steps == 50_000
-    assert periodic.num_samples == 10_000 and periodic.steps == 100
+    assert periodic.num_samples == 10_000 and periodic.sampler == SamplerSpec("ddim", 100)
     assert cfg.callbacks.nll.num_images == 10_000 and cfg.final_eval.range_check_samples > 0
 
 
