@@ -199,10 +199,12 @@ def test_runs_are_grouped_by_config_groups_that_training_logs(recorded):
         "config.parameterization.name",
         "config.variance.name",
         "config.loss.name",
+        "config.weighting.name",
         "config.schedule.name",
     ]
     logged = OmegaConf.create({k: v for update in run.config_updates for k, v in update.items()})
-    for key, group in zip(keys, ("parameterization", "variance", "loss", "schedule")):
+    groups = ("parameterization", "variance", "loss", "weighting", "schedule")
+    for key, group in zip(keys, groups, strict=True):
         assert OmegaConf.select(logged, key) == cfg[group].name
     assert OmegaConf.select(logged, "config.seed") == cfg.seed  # the runs table's seed column
 

@@ -27,7 +27,7 @@ def _end_of_training(cfg) -> tuple[list[SampleQualityCallback], list[NLLCallback
 @pytest.mark.parametrize(
     "overrides,num_samples,steps,nll_images",
     [
-        (["data=digits"], 1000, 50, 100),  # sized for digits, not the 10k CIFAR-10 default
+        (["data=digits"], 1000, 15, 100),  # sized for digits, not the 10k CIFAR-10 default
         (["data=digits", "+scale=cpu"], 400, None, 100),
         (["data=cifar10"], 10_000, 100, 1000),
         (["data=cifar10", "+scale=paper"], 50_000, None, 10_000),
@@ -79,7 +79,7 @@ def test_eval_takes_its_sizes_from_the_run(compose_cfg):
         "sample_quality.num_samples=20", "nll.num_images=3", config_name="eval"
     )
     quality, nll = _evaluation_sizes(overridden, digits_run)
-    assert quality.num_samples == 20 and quality.steps == 50 and nll.num_images == 3
+    assert quality.num_samples == 20 and quality.steps == 15 and nll.num_images == 3
     old_run = OmegaConf.create({"data": {"batch_size": 1}})
     with pytest.raises(ConfigError, match=r"sample_quality\.num_samples=\.\.\."):
         _evaluation_sizes(eval_cfg, old_run)
