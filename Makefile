@@ -85,10 +85,10 @@ ablation-cpu: install  ## Table 2 on the embedded digits, 2 CPU cores (~50 min p
 	$(PY) -m ddpm.ablation $$dir $(TABLE_ARGS); exit $$status
 
 # Samplers a sweep's checkpoints are re-evaluated with (name:steps), for the ranking-by-sampler table.
-SAMPLERS ?= ddim:50 dpmpp_2m:20
+SAMPLERS ?= ddim:50 dpmpp_2m:15
 
 ablation-samplers: install  ## re-evaluate a sweep's checkpoints under SAMPLERS, then the table: make ablation-samplers SWEEP=<dir>
-	@test -n "$(SWEEP)" || { echo "usage: make ablation-samplers SWEEP=<sweep directory> [SAMPLERS='ddim:50 dpmpp_2m:20']" >&2; exit 2; }
+	@test -n "$(SWEEP)" || { echo "usage: make ablation-samplers SWEEP=<sweep directory> [SAMPLERS='ddim:50 dpmpp_2m:15']" >&2; exit 2; }
 	$(CPU_MALLOC) $(PY) -m ddpm.sweep_eval $(SWEEP) $(foreach s,$(SAMPLERS),--sampler $(s))
 	$(PY) -m ddpm.ablation $(SWEEP) $(TABLE_ARGS)
 
