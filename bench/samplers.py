@@ -61,15 +61,6 @@ TOLERANCE = 0.10
 REFERENCE = "ddim:100"
 
 
-def parse_setting(text: str) -> SamplerSpec:
-    """``name:steps`` (e.g. ``dpmpp_2m:20``; ``ancestral:1000`` is the full chain) → spec."""
-    name, _, steps = text.partition(":")
-    try:
-        return SamplerSpec(name, int(steps) if steps else None)
-    except ValueError as err:
-        raise SystemExit(f"error: setting {text!r}: {err}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", help="a checkpoint of src/train.py")
@@ -92,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.ckpt:
         parser.error("--ckpt is required (or --render <report.json>)")
-    specs = [parse_setting(s) for s in args.settings]
+    try:
+        specs = [SamplerSpec.parse(s) for s in args.settings]
+    except ValueError as err:
+        parser.error(f"--settings {err}")
 
     device = torch.device("cpu")
     diffusion, net, image_shape, run_cfg = load_for_inference(args.ckpt, device=device)

@@ -112,6 +112,27 @@ def test_train_with_wandb_offline_then_sample_and_eval(tmp_path):
     assert result["fd_digits_20_heun3"] >= 0  # the metric name carries the sampler
     assert result["speed"] == {"channels_last": True, "bf16_autocast": True, "compile": False}
 
+    # The sampler table (make sampler-table) on the same checkpoint, tiny sizes.
+    stem = tmp_path / "samplers"
+    proc = run(
+        [
+            "bench/samplers.py", f"--ckpt={ckpt}", "--settings", "ddim:5", "dpmpp_2m:5",
+            "heun:3", "--num-samples=10", "--batch-size=10", "--seeds", "0", "1",
+            "--nll-images=2", "--bound-terms", "4", f"--out={stem}",
+            f"--cache-dir={tmp_path / 'cache'}",
+        ],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(stem.with_suffix(".json").read_text())
+    assert [r["metric"] for r in report["samplers"]] == [
+        "fd_digits_10_ddim5", "fd_digits_10_dpmpp5", "fd_digits_10_heun3",
+    ]  # fmt: skip
+    assert [r["nfe"] for r in report["samplers"]] == [5, 5, 5]
+    assert all(len(r["fd_per_seed"]) == 2 for r in report["samplers"])
+    assert [b["metric"] for b in report["bound"]] == ["nll_bpd", "nll_bpd_k4"]
+    assert "| `fd_digits_10_heun3` | heun | 3 | karras | 5 |" in stem.with_suffix(".md").read_text()
+
     # A sampler option that does not apply is one clear line naming the keys and the fix.
     proc = run(
         [

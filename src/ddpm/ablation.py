@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
     "DEFAULT_MAX_OUT_OF_RANGE",
+    "EVALUATIONS_DIR",
     "OBJECTIVES",
     "Cell",
     "Objective",
@@ -63,7 +64,9 @@ DEFAULT_MAX_OUT_OF_RANGE = 0.05
 DIVERGED = "–"
 MISSING = "n/a"
 _SCHEDULE_ORDER = ("linear", "cosine")
-_NOT_RUNS = {"wandb", "checkpoints", "samples", "nll", "csv", "tensorboard", "evaluations"}
+#: Sub-directory of a run holding its re-evaluations, one per sampler (``python -m ddpm.sweep_eval``).
+EVALUATIONS_DIR = "evaluations"
+_NOT_RUNS = {"wandb", "checkpoints", "samples", "nll", "csv", "tensorboard", EVALUATIONS_DIR}
 _SAMPLE_QUALITY_PREFIXES = ("fid_", "fd_digits_", "is_")
 
 
@@ -273,7 +276,7 @@ def classify_run(path: str | Path, max_out_of_range: float = DEFAULT_MAX_OUT_OF_
 def _load_evaluations(path: Path) -> dict[str, float]:
     """Sample-quality metrics of ``<run>/evaluations/*/metrics.json`` (unreadable files skipped)."""
     found: dict[str, float] = {}
-    for file in sorted((path / "evaluations").glob("*/metrics.json")):
+    for file in sorted((path / EVALUATIONS_DIR).glob("*/metrics.json")):
         data, _ = _load_metrics(file.parent)
         for key, value in (data or {}).items():
             if key.startswith(_SAMPLE_QUALITY_PREFIXES) and _finite(value):

@@ -37,6 +37,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ddpm.diffusion.sampling import SAMPLER_TAGS, SPACINGS
 from ddpm.wandb_utils import wandb_has_credentials
 
 if TYPE_CHECKING:
@@ -74,8 +75,8 @@ STEP_KEY = "trainer/global_step"
 # ``ddim50_eta0p5``, ``dpmpp20``, ``heun9``) and a non-default spacing (``ddim50_uniform``).
 # JavaScript-compatible: W&B evaluates panel regexes in the browser.
 _PROTOCOL = (
-    r"_\d+k?(_(ddpm|ddim|dpmpp|heun)\d+(_eta[0-9a-z.+-]+)?"
-    r"(_(linspace|uniform|trailing|logsnr|karras))?)?$"
+    rf"_\d+k?(_({'|'.join(SAMPLER_TAGS.values())})\d+(_eta[0-9a-z.+-]+)?"
+    rf"(_({'|'.join(SPACINGS)}))?)?$"
 )
 #: Every Fréchet-distance key, whatever the protocol: ``fid_50k``, ``fd_digits_1k_dpmpp15``.
 FD_REGEX = r"^(fid|fd_digits)" + _PROTOCOL

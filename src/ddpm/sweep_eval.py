@@ -22,27 +22,24 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ddpm.ablation import find_runs
+from ddpm.ablation import EVALUATIONS_DIR, find_runs
 from ddpm.diffusion.sampling import SamplerSpec
 
-__all__ = ["EVALUATIONS_DIR", "evaluation_dir", "main", "parse_sampler"]
+__all__ = ["evaluation_dir", "main", "parse_sampler"]
 
-#: Sub-directory of a run that holds its re-evaluations, one directory per sampler.
-EVALUATIONS_DIR = "evaluations"
 _ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_sampler(text: str) -> SamplerSpec:
-    """``name:steps`` (``ddim:50``, ``dpmpp_2m:20``; ``ancestral`` alone is the full chain).
+    """:meth:`SamplerSpec.parse` for argparse: ``name:steps`` (``ddim:50``, ``dpmpp_2m:20``).
 
     Raises:
         argparse.ArgumentTypeError: an unknown sampler or bad step count, naming the choices.
     """
-    name, _, steps = text.partition(":")
     try:
-        return SamplerSpec(name, int(steps) if steps else None)
+        return SamplerSpec.parse(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def evaluation_dir(run: Path, spec: SamplerSpec) -> Path:
@@ -82,14 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     runs = [r for r in find_runs(args.sweep_dir) if (r / "metrics.json").is_file()]
-    jobs = [(run, spec) for run in runs for spec in args.samplers]
-    missing = [r for r in runs if not (r / "checkpoints" / "last.ckpt").is_file()]
-    for run in missing:
-        print(f"skipped {run}: no checkpoints/last.ckpt", file=sys.stderr)
+    for run in runs:
+        if not (run / "checkpoints" / "last.ckpt").is_file():
+            print(f"skipped {run}: no checkpoints/last.ckpt", file=sys.stderr)
+    jobs = [
+        (run, spec)
+        for run in runs
+        if (run / "checkpoints" / "last.ckpt").is_file()
+        for spec in args.samplers
+    ]
     failures = 0
     for run, spec in tqdm(jobs, desc="evaluations", unit="eval"):
-        if run in missing:
-            continue
         out = evaluation_dir(run, spec)
         if (out / "metrics.json").is_file():
             continue

@@ -27,7 +27,7 @@ from ddpm.diffusion.losses import Loss, make_loss
 from ddpm.diffusion.parameterization import Parameterization, make_parameterization
 from ddpm.diffusion.schedule import schedule_tables
 from ddpm.diffusion.variance import Variance, make_variance
-from ddpm.diffusion.weighting import Weighting, implied_weight, log_snr, make_weighting
+from ddpm.diffusion.weighting import ELBOWeighting, Weighting, log_snr, make_weighting
 
 __all__ = ["GaussianDiffusion", "Net"]
 
@@ -317,29 +317,24 @@ class GaussianDiffusion(nn.Module):
 
         Raises:
             ValueError: ``loss=vlb`` with a learned variance (its weight depends on the learned
-                σ), or a parameterisation without a known implied weight.
+                σ).
+            NotImplementedError: a parameterisation that does not define ``eps_weight``.
         """
-        betas = self.betas_float64
-        if self.loss.name == "vlb":
-            from ddpm.diffusion.weighting import ELBOWeighting
-
-            if self.variance.learned:
-                raise ValueError(
-                    f"loss=vlb with variance={self.variance.name}: the bound's weight on the "
-                    "ε-MSE depends on the learned variance; use a fixed variance"
-                )
-            weight = ELBOWeighting().table(self)
-        elif self.weighting.name != "none":
-            weight = self.weighting.table(self)
-        else:
-            weight = implied_weight(self.parameterization.name, betas)
+        if self.loss.name == "vlb" and self.variance.learned:
+            raise ValueError(
+                f"loss=vlb with variance={self.variance.name}: the bound's weight on the "
+                "ε-MSE depends on the learned variance; use a fixed variance"
+            )
+        # loss=vlb is the ELBO weighting; simple and hybrid (whose bound term has the mean
+        # detached) train the mean with the configured weighting, `none` being the plain MSE.
+        weight = (ELBOWeighting() if self.loss.name == "vlb" else self.weighting).table(self)
         T = self.num_timesteps
         density = torch.full((T,), 1.0 / T, dtype=torch.float64)
         if timestep_sampler is not None and not getattr(
             timestep_sampler, "importance_weighted", True
         ):
             density = timestep_sampler.probabilities(torch.device("cpu")).double()
-        abar = torch.cumprod(1.0 - betas, 0)
+        abar = torch.cumprod(1.0 - self.betas_float64, 0)
         return {
             "t": torch.arange(T),
             "log_snr": log_snr(abar),

@@ -57,6 +57,11 @@ class Parameterization:
         """ε̂ implied by the network output: (x_t − √ᾱₜ x̂₀)/√(1−ᾱₜ)."""
         return d.pred_eps_from_x0(x_t, t, self.pred_x0(d, output, x_t, t))
 
+    def eps_weight(self, betas: torch.Tensor) -> torch.Tensor:
+        """w(t) ``[T]`` float64 with ‖target − output‖² = w(t)·‖ε − ε̂‖²: the ε-MSE weight that
+        this parameterisation's plain MSE implies (exact identities, ``../shared/PAPER.md``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not state its implied ε-weight")
+
     def mean(
         self,
         d: GaussianDiffusion,
@@ -89,6 +94,9 @@ class EpsParameterization(Parameterization):
     def pred_eps(self, d, output, x_t, t):
         return output
 
+    def eps_weight(self, betas):
+        return torch.ones_like(betas, dtype=torch.float64)
+
 
 class X0Parameterization(Parameterization):
     """x₀ prediction: the output is x̂₀; target x₀."""
@@ -100,6 +108,10 @@ class X0Parameterization(Parameterization):
 
     def target(self, d, x0, x_t, t, noise):
         return x0
+
+    def eps_weight(self, betas):
+        abar = torch.cumprod(1.0 - betas.double(), 0)
+        return (1.0 - abar) / abar  # 1/SNR
 
 
 class MuParameterization(Parameterization):
@@ -119,6 +131,10 @@ class MuParameterization(Parameterization):
     def mean(self, d, output, x_t, t, pred_x0):
         return output
 
+    def eps_weight(self, betas):
+        betas = betas.double()
+        return betas.square() / ((1.0 - betas) * (1.0 - torch.cumprod(1.0 - betas, 0)))
+
 
 class VParameterization(Parameterization):
     """v prediction (Salimans & Ho): v = √ᾱ ε − √(1−ᾱ) x₀, so x̂₀ = √ᾱ x_t − √(1−ᾱ) v."""
@@ -136,6 +152,9 @@ class VParameterization(Parameterization):
             d.extract("sqrt_alphas_cumprod", t, x_t) * noise
             - d.extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x0
         )
+
+    def eps_weight(self, betas):
+        return 1.0 / torch.cumprod(1.0 - betas.double(), 0)  # 1/ᾱ
 
 
 PARAMETERIZATIONS: dict[str, type[Parameterization]] = {

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_SPACING",
     "SAMPLERS",
+    "SAMPLER_TAGS",
     "SPACINGS",
     "SamplerSpec",
     "ancestral",
@@ -326,7 +327,7 @@ def get_sampler(name: str) -> Callable[..., torch.Tensor]:
 
 
 #: Short names of the samplers in metric keys (``fd_digits_1k_dpmpp20``).
-_TAG_NAMES = {"ancestral": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpmpp", "heun": "heun"}
+SAMPLER_TAGS = {"ancestral": "ddpm", "ddim": "ddim", "dpmpp_2m": "dpmpp", "heun": "heun"}
 
 
 @dataclass(frozen=True)
@@ -367,16 +368,28 @@ class SamplerSpec:
             raise ValueError(f"unknown spacing {self.spacing!r}: choose one of {list(SPACINGS)}")
 
     @classmethod
-    def from_config(cls, node: Mapping[str, Any] | Any) -> SamplerSpec:
+    def from_config(cls, node: Mapping[str, Any]) -> SamplerSpec:
         """From a mapping (e.g. a config node) with ``sampler`` and optional ``steps``, ``eta``,
         ``spacing`` keys."""
-        get = node.get if hasattr(node, "get") else lambda key, default=None: default
         return cls(
-            name=str(get("sampler", "ancestral") or "ancestral"),
-            steps=get("steps", None),
-            eta=get("eta", None),
-            spacing=get("spacing", None) or None,
+            name=str(node.get("sampler") or "ancestral"),
+            steps=node.get("steps"),
+            eta=node.get("eta"),
+            spacing=node.get("spacing") or None,
         )
+
+    @classmethod
+    def parse(cls, text: str) -> SamplerSpec:
+        """``name:steps`` (``ddim:50``, ``dpmpp_2m:20``); ``name`` alone visits all T steps.
+
+        Raises:
+            ValueError: an unknown sampler, a step count that is not an integer ≥ 2.
+        """
+        name, _, steps = text.partition(":")
+        try:
+            return cls(name, int(steps) if steps else None)
+        except ValueError as err:
+            raise ValueError(f"{text!r}: {err}") from None
 
     def effective_spacing(self) -> str:
         """The spacing the sampler uses (the default when ``spacing`` is None)."""
@@ -399,7 +412,7 @@ class SamplerSpec:
         steps = T if self.steps is None else self.steps
         if self.name == "ancestral" and steps == T:
             return ""
-        tag = f"{_TAG_NAMES[self.name]}{steps}"
+        tag = f"{SAMPLER_TAGS[self.name]}{steps}"
         if self.eta:
             tag += f"_eta{self.eta:g}".replace(".", "p")
         if steps < T and self.effective_spacing() != DEFAULT_SPACING[self.name]:

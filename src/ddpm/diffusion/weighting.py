@@ -39,7 +39,6 @@ __all__ = [
     "P2Weighting",
     "SigmoidWeighting",
     "Weighting",
-    "implied_weight",
     "log_snr",
     "make_weighting",
     "snr",
@@ -76,12 +75,13 @@ def _alphas_cumprod(d: GaussianDiffusion) -> torch.Tensor:
 
 
 class NoWeighting(Weighting):
-    """No weighting: each parameterisation's plain MSE (its implied ε-weight: :func:`implied_weight`)."""
+    """No weighting: each parameterisation's plain MSE; its table is the ε-weight that MSE implies
+    (:meth:`~ddpm.diffusion.parameterization.Parameterization.eps_weight`)."""
 
     name = "none"
 
     def table(self, d):
-        return implied_weight(d.parameterization.name, d.betas_float64)
+        return d.parameterization.eps_weight(d.betas_float64)
 
 
 class ELBOWeighting(Weighting):
@@ -183,24 +183,6 @@ def make_weighting(name: str | Weighting, **kwargs: float) -> Weighting:
         return WEIGHTINGS[name](**kwargs)
     except TypeError as err:
         raise ValueError(f"bad parameters {kwargs} for weighting {name!r}: {err}") from None
-
-
-def implied_weight(parameterization: str, betas: torch.Tensor) -> torch.Tensor:
-    """The ε-MSE weight ``[T]`` that each parameterisation's plain MSE implies (float64).
-
-    ε: 1; x₀: 1/SNRₜ; v: 1/ᾱₜ; μ̃: βₜ²/(αₜ(1−ᾱₜ)) (exact identities: ``../shared/PAPER.md``).
-    """
-    betas = torch.as_tensor(betas, dtype=torch.float64)
-    abar = torch.cumprod(1.0 - betas, 0)
-    if parameterization == "eps":
-        return torch.ones_like(betas)
-    if parameterization == "x0":
-        return 1.0 / snr(abar)
-    if parameterization == "v":
-        return 1.0 / abar
-    if parameterization == "mu":
-        return betas.square() / ((1.0 - betas) * (1.0 - abar))
-    raise ValueError(f"no implied weight for parameterization {parameterization!r}")
 
 
 def _fixed_log_variance(d: GaussianDiffusion) -> torch.Tensor:

@@ -409,9 +409,9 @@ def compute_nll(
     ``num_terms`` (``"stratified"``); so the result does not depend on the world size.
 
     Returns (on every rank), float64 numpy arrays in bits/dim in image-index order:
-        ``total [n]``, ``prior [n]``, ``decoder [n]`` (L₀), and ``terms_mean [T]`` (mean over
-        images of each Lₜ, index 0 = decoder) for ``full`` or ``estimator_var [n]`` (the
-        per-image collapsed-strata variance of the estimate) for ``stratified``.
+        ``total [n]``, ``prior [n]``, and ``terms_mean [T]`` (mean over images of each Lₜ,
+        index 0 = decoder) for ``full`` or ``estimator_var [n]`` (the per-image collapsed-strata
+        variance of the estimate) for ``stratified``.
     """
     nll_metric_name(estimator, num_terms, diffusion.num_timesteps)  # validates the arguments
     rank, world_size = dist_info()
@@ -443,12 +443,7 @@ def compute_nll(
                     net, x0, int(num_terms), generator=generator
                 )
                 extra = {"estimator_var": out["stderr"].double().square()}
-            fields = {
-                "total": out["total"].double(),
-                "prior": out["prior"].double(),
-                "decoder": out["terms"][:, 0].double(),
-                **extra,
-            }
+            fields = {"total": out["total"].double(), "prior": out["prior"].double(), **extra}
             local.append((start, {k: v.cpu().numpy() for k, v in fields.items()}))
     parts = gather_to_rank0(local)
     result: dict[str, Any] | None = None
@@ -459,7 +454,7 @@ def compute_nll(
             raise RuntimeError(f"gathered {total.shape[0]} bits/dim rows, expected {n}")
         result = {
             key: np.concatenate([b[1][key] for b in blocks])
-            for key in ("total", "prior", "decoder", "estimator_var")
+            for key in ("total", "prior", "estimator_var")
             if key in blocks[0][1]
         }
         if estimator == "full":
@@ -541,7 +536,7 @@ def evaluate_nll(
         "nll_num_images": n,
     }
     if "terms_mean" in raw:
-        result["nll_decoder_bpd"] = float(raw["decoder"].mean())
+        result["nll_decoder_bpd"] = float(raw["terms_mean"][0])
         result["terms_bpd"] = raw["terms_mean"]
     if "estimator_var" in raw:
         result[f"{name}_estimator_stderr"] = float(math.sqrt(raw["estimator_var"].sum()) / n)
