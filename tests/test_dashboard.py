@@ -245,7 +245,8 @@ def test_workspace_object_plots_exactly_the_spec_keys(recorded, monkeypatch):
     view = workspace._to_model().model_dump(by_alias=True, exclude_none=True)  # as saved
     runset = view["spec"]["section"]["runSets"][0]
     assert [g["name"] for g in runset["grouping"]] == [
-        f"config.value.{g}.name" for g in ("parameterization", "variance", "loss", "schedule")
+        f"config.value.{g}.name"
+        for g in ("parameterization", "variance", "loss", "weighting", "schedule")
     ]
     (condition,) = runset["filters"]["filters"]
     assert (condition["key"]["name"], condition["value"]) == ("group", "ablation_cpu")

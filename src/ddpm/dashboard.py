@@ -17,7 +17,7 @@ Curves of sample quality also match every protocol by regular expression (:data:
 :data:`IS_REGEX`), so runs evaluated with other sizes still show up.
 
 Runs are grouped by the config groups that define the objective and the schedule
-(:data:`GROUP_ORDER`: parameterisation, variance, loss, weighting when the config has it,
+(:data:`GROUP_ORDER`: parameterisation, variance, loss, weighting,
 schedule); seeds fall inside a group, so bars and curves show the mean over seeds with the
 standard error.
 
@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 #: Config groups that tell runs apart, outermost first. A group takes part when the run config
-#: has ``<group>.name`` (``weighting`` does once that group exists).
+#: has ``<group>.name``.
 GROUP_ORDER: tuple[str, ...] = ("parameterization", "variance", "loss", "weighting", "schedule")
 
 #: The x axis of every curve: WandbLogger logs each metric with the trainer's global step (W&B's
