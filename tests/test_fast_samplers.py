@@ -41,18 +41,37 @@ def _toy_abar(T: int = T, zero_terminal_snr: bool = False) -> torch.Tensor:
     return abar
 
 
+SIGMA_DATA = 0.5  # EDM's default, that of the edm parameterisation
+
+
 def _toy_net(
     param: str, T: int = T, zero_terminal_snr: bool = False
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The Bayes-optimal output for the toy data (own float64 ᾱ table)."""
+    """The Bayes-optimal output for the toy data (own float64 ᾱ table).
+
+    For ``edm`` the network sees EDM's c_in x = x_t/√(ᾱ(σ² + σ_d²)) and outputs
+    F = (x₀ − c_skip x)/c_out in EDM's own variables (x = x_t/√ᾱ, σ² = (1−ᾱ)/ᾱ); at ᾱ = 0 the
+    limits c_skip x → 0, c_out → σ_d.
+    """
     abar = _toy_abar(T, zero_terminal_snr)
 
     def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = abar[t].view(-1, *[1] * (x.dim() - 1))
+        if param == "edm":  # undo c_in: ᾱ(σ² + σ_d²) = 1 − ᾱ + σ_d² ᾱ
+            x = x * (1.0 - ab + SIGMA_DATA**2 * ab).sqrt()
         var = ab * S**2 + 1.0 - ab
         centred = x - ab.sqrt() * MU
         eps = (1.0 - ab).sqrt() * centred / var
         x0 = MU + ab.sqrt() * S**2 * centred / var
+        if param == "edm":
+            positive = ab > 0
+            safe = torch.where(positive, ab, torch.ones_like(ab))
+            sigma2 = (1.0 - safe) / safe
+            c_skip = SIGMA_DATA**2 / (sigma2 + SIGMA_DATA**2)
+            c_out = sigma2.sqrt() * SIGMA_DATA / (sigma2 + SIGMA_DATA**2).sqrt()
+            return torch.where(
+                positive, (x0 - c_skip * x / safe.sqrt()) / c_out, x0 / SIGMA_DATA
+            )
         return {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1.0 - ab).sqrt() * x0}[param]
 
     return net
@@ -128,10 +147,11 @@ def test_second_order_solvers_beat_ddim_and_use_the_promised_evaluations() -> No
     assert err["dpmpp_2m"] < err["ddim"] / 5 and err["heun"] < err["ddim"] / 2, err
 
 
-@pytest.mark.parametrize("param", ["x0", "v"])
+@pytest.mark.parametrize("param", ["x0", "v", "edm"])
 @pytest.mark.parametrize("name", list(ODE))
 def test_every_parameterisation_gives_the_same_path(param: str, name: str) -> None:
-    """The optimal x0/v outputs carry the same x̂₀ as optimal ε, so the paths agree (1e-9)."""
+    """The optimal x0/v/edm outputs carry the same x̂₀ as optimal ε, so the paths agree (1e-9);
+    for edm this also checks that every sampler hands the network the preconditioned input."""
     x_T = _x_T(500, seed=2)
     ref = _d("eps").sample(
         _toy_net("eps"),
@@ -346,7 +366,7 @@ def test_zero_terminal_snr_refuses_eps_and_says_what_to_use() -> None:
         GaussianDiffusion(betas, "eps")
 
 
-@pytest.mark.parametrize("param", ["v", "x0"])
+@pytest.mark.parametrize("param", ["v", "x0", "edm"])
 @pytest.mark.parametrize(("name", "steps", "bias"), [*GAUSSIAN_CASES, ("ancestral", None, 0.0)])
 def test_samplers_at_zero_terminal_snr(param: str, name: str, steps, bias: float) -> None:
     """From SNR = 0 every sampler stays finite and reproduces the Gaussian data (the exact ODE
@@ -374,13 +394,14 @@ def test_samplers_at_zero_terminal_snr(param: str, name: str, steps, bias: float
         assert err < 0.1, err
 
 
-def test_the_bound_at_zero_terminal_snr() -> None:
+@pytest.mark.parametrize("param", ["v", "edm"])
+def test_the_bound_at_zero_terminal_snr(param: str) -> None:
     """Prior term exactly 0 (q(x_T|x₀) = N(0, I)); the full bound and its estimate are finite."""
     d = GaussianDiffusion(
-        make_betas("linear", 100, zero_terminal_snr=True), "v", dtype=torch.float64
+        make_betas("linear", 100, zero_terminal_snr=True), param, dtype=torch.float64
     )
     x0 = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(0)).double() * 2 - 1
-    net = _toy_net("v", 100, zero_terminal_snr=True)
+    net = _toy_net(param, 100, zero_terminal_snr=True)
     full = d.nll_bpd(net, x0, generator=torch.Generator().manual_seed(1))
     assert torch.equal(full["prior"], torch.zeros(3, dtype=torch.float64))
     assert torch.isfinite(full["terms"]).all() and torch.isfinite(full["total"]).all()

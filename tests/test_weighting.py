@@ -15,7 +15,7 @@ from ddpm.diffusion.likelihood import mean_flat
 from ddpm.errors import ConfigError
 
 T = 40
-PARAMS = ("eps", "x0", "v", "mu")
+PARAMS = ("eps", "x0", "v", "mu", "edm")
 WEIGHTINGS = ("elbo", "min_snr", "p2", "sigmoid", "edm")
 
 
@@ -55,6 +55,10 @@ def _output_for_eps(d: GaussianDiffusion, param: str, x_t, t, eps_hat) -> torch.
     a = d.extract("sqrt_alphas_cumprod", t, x_t)
     s = d.extract("sqrt_one_minus_alphas_cumprod", t, x_t)
     x0_hat = (x_t - s * eps_hat) / a
+    if param == "edm":  # EDM's own variables: x̂₀ = c_skip x + c_out F with x = x_t/√ᾱ
+        sd, sigma = d.parameterization.sigma_data, s / a
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+        return (x0_hat - c_skip * x_t / a) / c_out
     return {
         "eps": eps_hat,
         "x0": x0_hat,

@@ -44,7 +44,9 @@ class DiffusionLitModule(pl.LightningModule):
             lr 2e-4 when None.
         lr_warmup_steps: linear warm-up of the learning rate over this many steps (paper 5000).
         ema_decay: EMA decay (paper 0.9999).
-        timestep_sampler: ``uniform`` or ``loss_second_moment`` (importance sampling).
+        timestep_sampler: ``uniform``, ``loss_second_moment`` (importance sampling) or
+            ``edm_lognormal`` (EDM's density of σ, part of the objective: no reweighting).
+        timestep_sampler_kwargs: the sampler's parameters (e.g. ``p_mean``, ``p_std``).
         check_finite_every_n_steps: how often the loss is checked for NaN/inf (a host sync);
             None uses the trainer's ``log_every_n_steps``.
         channels_last: run the UNet in channels-last memory format.
@@ -69,6 +71,7 @@ class DiffusionLitModule(pl.LightningModule):
         lr_warmup_steps: int = 5000,
         ema_decay: float = 0.9999,
         timestep_sampler: str = "uniform",
+        timestep_sampler_kwargs: dict[str, float] | None = None,
         check_finite_every_n_steps: int | None = None,
         channels_last: bool = False,
         bf16_autocast: bool = False,
@@ -85,7 +88,12 @@ class DiffusionLitModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_warmup_steps = int(lr_warmup_steps)
         self.ema = ExponentialMovingAverage(net, decay=ema_decay)
-        self.timestep_sampler = make_timestep_sampler(timestep_sampler, diffusion.num_timesteps)
+        self.timestep_sampler = make_timestep_sampler(
+            timestep_sampler,
+            diffusion.num_timesteps,
+            alphas_cumprod=torch.cumprod(1.0 - diffusion.betas_float64, 0),
+            **dict(timestep_sampler_kwargs or {}),
+        )
         self.check_finite_every_n_steps = check_finite_every_n_steps
         self.channels_last = bool(channels_last)
         self.bf16_autocast = bool(bf16_autocast)

@@ -340,7 +340,7 @@ def per_timestep_losses(
         for key, value in diffusion.training_losses(net, x0, t_batch, noise=noise).items():
             add(key, value)
         x_t = diffusion.q_sample(x0, t_batch, noise)
-        output = net(x_t, t_batch)
+        output = diffusion.model_output(net, x_t, t_batch)
         pred_x0 = diffusion.p_mean_variance(output, x_t, t_batch)["pred_x0"]
         pred_eps = diffusion.pred_eps_from_x0(x_t, t_batch, pred_x0)
         add("eps_mse", (noise - pred_eps).square().mean(dim=dims))

@@ -15,6 +15,7 @@ from ddpm.diffusion.likelihood import (
 from ddpm.diffusion.losses import LOSSES, HybridLoss, Loss, SimpleLoss, VLBLoss, make_loss
 from ddpm.diffusion.parameterization import (
     PARAMETERIZATIONS,
+    EDMParameterization,
     EpsParameterization,
     MuParameterization,
     Parameterization,
@@ -32,6 +33,8 @@ from ddpm.diffusion.sampling import (
 )
 from ddpm.diffusion.schedule import SCHEDULES, make_betas, schedule_tables
 from ddpm.diffusion.timesteps import (
+    TIMESTEP_SAMPLERS,
+    EDMLogNormalSampler,
     LossSecondMomentSampler,
     TimestepSampler,
     UniformSampler,
@@ -55,8 +58,11 @@ __all__ = [
     "SAMPLERS",
     "SCHEDULES",
     "SPACINGS",
+    "TIMESTEP_SAMPLERS",
     "VARIANCES",
     "WEIGHTINGS",
+    "EDMLogNormalSampler",
+    "EDMParameterization",
     "EpsParameterization",
     "FixedLargeVariance",
     "FixedSmallVariance",

@@ -5,7 +5,9 @@ bound and every sampler go through :meth:`GaussianDiffusion.p_mean_variance`, so
 
 Conventions: images ``x0``/``x_t`` are ``[B, C, H, W]`` (any trailing shape works) in [-1, 1];
 ``t`` is a LongTensor ``[B]`` of 0-indexed timesteps (index 0 is the paper's t = 1); ``net`` is any
-callable ``net(x_t, t) -> Tensor [B, C·m, ...]`` with ``m = output_channels_multiplier``.
+callable ``net(x, t) -> Tensor [B, C·m, ...]`` with ``m = output_channels_multiplier``. The network
+is only ever called through :meth:`GaussianDiffusion.model_output`, which hands it the
+parameterisation's preconditioned input (x_t itself, except for EDM's c_in x).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class _RespacedParameterization(Parameterization):
         self.parent = parent
         self.timestep_map = timestep_map
         self.name = base.name
+
+    def net_input(self, d, x_t, t):
+        return self.base.net_input(self.parent, x_t, self.timestep_map[t])
 
     def pred_x0(self, d, output, x_t, t):
         return self.base.pred_x0(self.parent, output, x_t, self.timestep_map[t])
@@ -221,6 +226,14 @@ class GaussianDiffusion(nn.Module):
             )
         return output.chunk(2, dim=1)
 
+    def model_output(self, net: Net, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network output ``[B, C·m, ...]`` at (x_t, t): ``net(net_input(x_t, t), t)``.
+
+        ``t`` are this diffusion's timesteps, which the network also receives as its noise input;
+        the parameterisation preconditions x_t (identity except for ``edm``).
+        """
+        return net(self.parameterization.net_input(self, x_t, t), t)
+
     # ------------------------------------------------------------------ forward process
     def q_mean_variance(
         self, x0: torch.Tensor, t: torch.Tensor
@@ -354,7 +367,7 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
-        output = net(x_t, t)
+        output = self.model_output(net, x_t, t)
         expected = x0.shape[1] * self.output_channels_multiplier
         if output.shape[1] != expected:
             raise ValueError(
@@ -383,7 +396,7 @@ class GaussianDiffusion(nn.Module):
         self, net: Net, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
         """Lₜ of the bound in bits/dim ``[B]`` for the given x_t (KL for t > 0, decoder NLL at 0)."""
-        return self.vlb_terms_from_output(net(x_t, t), x0, x_t, t)
+        return self.vlb_terms_from_output(self.model_output(net, x_t, t), x0, x_t, t)
 
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
         """L_T = KL(q(x_T | x0) ‖ N(0, I)) in bits/dim ``[B]`` (no parameters)."""

@@ -1,8 +1,10 @@
-"""What the network predicts: ε, x₀, μ̃ (the paper's μ̃ prediction) or v.
+"""What the network predicts: ε, x₀, μ̃ (the paper's μ̃ prediction), v, or EDM's preconditioned F.
 
 A parameterisation turns the network's (first C channels of) output into the predicted x̂₀ and the
-reverse-process mean μ_θ, and names the regression target of L_simple. Adding one is one class plus
-an entry in :data:`PARAMETERIZATIONS`. The schedule ``d`` is passed in; classes hold no state.
+reverse-process mean μ_θ, names the regression target of L_simple, and may precondition the
+network's input (:meth:`Parameterization.net_input`, used by
+:meth:`~ddpm.diffusion.GaussianDiffusion.model_output`). Adding one is one class plus an entry in
+:data:`PARAMETERIZATIONS`. The schedule ``d`` is passed in; classes hold only their constants.
 
 Shapes: ``output``, ``x_t``, ``x0`` and ``noise`` are ``[B, C, ...]``; ``t`` is a LongTensor ``[B]``.
 """
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PARAMETERIZATIONS",
+    "EDMParameterization",
     "EpsParameterization",
     "MuParameterization",
     "Parameterization",
@@ -33,6 +36,12 @@ class Parameterization:
     name: str = ""
     #: Whether clipping x̂₀ changes μ_θ (false when the network predicts μ_θ itself).
     mean_from_pred_x0: bool = True
+
+    def net_input(
+        self, d: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """What the network sees in place of x_t (EDM's c_in x); x_t itself by default."""
+        return x_t
 
     def pred_x0(
         self, d: GaussianDiffusion, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
@@ -157,18 +166,83 @@ class VParameterization(Parameterization):
         return 1.0 / torch.cumprod(1.0 - betas.double(), 0)  # 1/ᾱ
 
 
+class EDMParameterization(Parameterization):
+    """EDM's preconditioned F-prediction (Karras et al. 2022) on the discrete VP schedule.
+
+    In EDM's variable x = x_t/√ᾱ = x₀ + σε, σ² = (1−ᾱ)/ᾱ, the denoiser is
+    D = c_skip x + c_out F(c_in x, c_noise) with c_skip = σ_d²/(σ² + σ_d²),
+    c_out = σ σ_d/√(σ² + σ_d²) and c_in = 1/√(σ² + σ_d²). Written in x_t with
+    Dₜ = 1 − ᾱ + σ_d² ᾱ (= ᾱ (σ² + σ_d²)) every coefficient stays finite at ᾱ = 0:
+
+    * the network sees c_in x = x_t/√Dₜ (:meth:`net_input`);
+    * x̂₀ = D = σ_d² √ᾱ/Dₜ · x_t + σ_d √(1−ᾱ)/√Dₜ · F;
+    * the target is F* = (x₀ − σ_d² √ᾱ/Dₜ · x_t) · √Dₜ/(σ_d √(1−ᾱ)).
+
+    The network keeps the timestep index as its noise input: EDM's c_noise = ¼ ln σ is a
+    monotone relabelling of it. With σ_d = 1, Dₜ = 1 and F = −v (v prediction up to sign).
+
+    Args:
+        sigma_data: σ_d, the data's standard deviation EDM assumes (0.5 for images in [-1, 1]).
+    """
+
+    name = "edm"
+
+    def __init__(self, sigma_data: float = 0.5) -> None:
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data={sigma_data}: must be > 0 (EDM uses 0.5)")
+        self.sigma_data = float(sigma_data)
+
+    def _abar_and_norm(self, d, t, like):
+        """ᾱₜ and Dₜ = 1 − ᾱₜ + σ_d² ᾱₜ, both ``[B, 1, …]``."""
+        abar = d.extract("alphas_cumprod", t, like)
+        return abar, 1.0 - abar + self.sigma_data**2 * abar
+
+    def net_input(self, d, x_t, t):
+        _, norm = self._abar_and_norm(d, t, x_t)
+        return x_t * norm.rsqrt()
+
+    def pred_x0(self, d, output, x_t, t):
+        abar, norm = self._abar_and_norm(d, t, x_t)
+        skip = self.sigma_data**2 * abar.sqrt() / norm
+        out = self.sigma_data * torch.sqrt((1.0 - abar) / norm)
+        return skip * x_t + out * output
+
+    def target(self, d, x0, x_t, t, noise):
+        abar, norm = self._abar_and_norm(d, t, x_t)
+        skip = self.sigma_data**2 * abar.sqrt() / norm
+        out = self.sigma_data * torch.sqrt((1.0 - abar) / norm)
+        return (x0 - skip * x_t) / out
+
+    def eps_weight(self, betas):
+        abar = torch.cumprod(1.0 - betas.double(), 0)
+        return (1.0 - abar + self.sigma_data**2 * abar) / (self.sigma_data**2 * abar)
+
+    def __repr__(self) -> str:
+        return f"EDMParameterization(sigma_data={self.sigma_data})"
+
+
 PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
     cls.name: cls
-    for cls in (EpsParameterization, X0Parameterization, MuParameterization, VParameterization)
+    for cls in (
+        EpsParameterization,
+        X0Parameterization,
+        MuParameterization,
+        VParameterization,
+        EDMParameterization,
+    )
 }
 
 
-def make_parameterization(name: str | Parameterization) -> Parameterization:
-    """A parameterisation from its name (``eps``, ``x0``, ``mu``, ``v``) or an instance."""
+def make_parameterization(name: str | Parameterization, **kwargs: float) -> Parameterization:
+    """A parameterisation from its name (``eps``, ``x0``, ``mu``, ``v``, ``edm``) and parameters
+    (``edm``: ``sigma_data``), or an instance (returned as it is)."""
     if isinstance(name, Parameterization):
         return name
     if name not in PARAMETERIZATIONS:
         raise ValueError(
             f"unknown parameterization {name!r}: choose one of {sorted(PARAMETERIZATIONS)}"
         )
-    return PARAMETERIZATIONS[name]()
+    try:
+        return PARAMETERIZATIONS[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad parameters {kwargs} for parameterization {name!r}: {err}") from None

@@ -527,9 +527,9 @@ def _respaced_chain(
     table_timesteps = torch.arange(sched.num_timesteps, device=device)
     for step, i in enumerate(_maybe_progress(range(first, -1, -1), progress)):
         t = table_timesteps[i].expand(batch)
-        out = sched.p_mean_variance(
-            net(x, model_timesteps[i].expand(batch)), x, t, clip_denoised=clip_denoised
-        )
+        # The network is called at the original timestep, so through the parent.
+        output = d.model_output(net, x, model_timesteps[i].expand(batch))
+        out = sched.p_mean_variance(output, x, t, clip_denoised=clip_denoised)
         if callback is not None:
             callback({"i": step, "t": host_timesteps[i], "x": x, "pred_x0": out["pred_x0"]})
         if eta is None:
@@ -585,7 +585,8 @@ def _pred_x0(
 ) -> torch.Tensor:
     """x̂₀ ``[B, ...]`` of the network at original timestep ``t`` via ``p_mean_variance``."""
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    return d.p_mean_variance(net(x, tt), x, tt, clip_denoised=clip_denoised)["pred_x0"]
+    output = d.model_output(net, x, tt)
+    return d.p_mean_variance(output, x, tt, clip_denoised=clip_denoised)["pred_x0"]
 
 
 def _maybe_progress(indices: range, progress: bool):

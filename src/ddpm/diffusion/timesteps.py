@@ -1,8 +1,11 @@
-"""Which timesteps a training batch sees: uniform, or importance-sampled by the loss (Improved DDPM).
+"""Which timesteps a training batch sees: uniform, importance-sampled by the loss (Improved DDPM),
+or EDM's log-normal density over σₜ.
 
 ``sample(batch_size, device, generator)`` returns ``(t [B] long, weights [B] float)``; multiply the
-per-example loss by ``weights`` so the estimate of the objective stays unbiased. Everything stays on
-the device: no host synchronisation per step.
+per-example loss by ``weights``. An importance sampler (``importance_weighted = True``) returns
+1/(T p(t)), so the objective stays the uniform one and only its variance changes; a sampler whose
+density is part of the objective (EDM's) returns ones. Everything stays on the device: no host
+synchronisation per step.
 """
 
 from __future__ import annotations
@@ -11,11 +14,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["LossSecondMomentSampler", "TimestepSampler", "UniformSampler", "make_timestep_sampler"]
+__all__ = [
+    "TIMESTEP_SAMPLERS",
+    "EDMLogNormalSampler",
+    "LossSecondMomentSampler",
+    "TimestepSampler",
+    "UniformSampler",
+    "make_timestep_sampler",
+]
 
 
 class TimestepSampler(nn.Module):
     """Base class: a distribution over ``range(num_timesteps)``."""
+
+    #: True when :meth:`sample` reweights by 1/(T p(t)), so the objective is the uniform one.
+    importance_weighted: bool = True
 
     def __init__(self, num_timesteps: int) -> None:
         super().__init__()
@@ -108,10 +121,75 @@ def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def make_timestep_sampler(name: str, num_timesteps: int, **kwargs: float) -> TimestepSampler:
-    """``uniform`` or ``loss_second_moment`` (alias ``importance``)."""
+class EDMLogNormalSampler(TimestepSampler):
+    """EDM's training density (Karras et al. 2022): ln σ ~ N(p_mean, p_std²), over the discrete σₜ.
+
+    σₜ² = (1−ᾱₜ)/ᾱₜ increases with t. Timestep t gets the normal's mass between the midpoints of
+    ln σ to its neighbours (−∞ below the first, +∞ above the last), so p(t) sums to one. The
+    density is part of EDM's objective, so the weights are ones (``importance_weighted = False``).
+    At zero terminal SNR (σ_T = ∞) the last step's bin is empty and the one before reaches to +∞.
+
+    Args:
+        alphas_cumprod: ᾱ ``[T]`` of the schedule.
+        p_mean, p_std: EDM's P_mean = −1.2 and P_std = 1.2.
+    """
+
+    importance_weighted = False
+
+    def __init__(
+        self, alphas_cumprod: torch.Tensor, p_mean: float = -1.2, p_std: float = 1.2
+    ) -> None:
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        super().__init__(abar.numel())
+        if not p_std > 0:
+            raise ValueError(f"p_std={p_std}: must be > 0 (EDM uses 1.2)")
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        log_sigma = 0.5 * (torch.log1p(-abar) - abar.log())
+        inner = 0.5 * (log_sigma[1:] + log_sigma[:-1])
+        cdf = torch.special.ndtr((inner - self.p_mean) / self.p_std)
+        edges = torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)])
+        #: p(t) ``[T]`` float64.
+        self.register_buffer("p", edges[1:] - edges[:-1], persistent=False)
+
+    def probabilities(self, device):
+        return self.p.to(device=device, dtype=torch.float32)
+
+    def sample(self, batch_size, device, generator=None):
+        p = self.probabilities(device)
+        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+        return t, torch.ones(batch_size, device=device)
+
+
+#: Names of :func:`make_timestep_sampler`.
+TIMESTEP_SAMPLERS: tuple[str, ...] = ("uniform", "loss_second_moment", "edm_lognormal")
+
+
+def make_timestep_sampler(
+    name: str,
+    num_timesteps: int,
+    alphas_cumprod: torch.Tensor | None = None,
+    **kwargs: float,
+) -> TimestepSampler:
+    """``uniform``, ``loss_second_moment`` (alias ``importance``) or ``edm_lognormal``.
+
+    ``alphas_cumprod`` (ᾱ ``[T]``) is needed by ``edm_lognormal``; ``kwargs`` go to the sampler
+    (``history_per_term``, ``uniform_prob``; ``p_mean``, ``p_std``).
+    """
+    try:
+        if name == "uniform" and not kwargs:
+            return UniformSampler(num_timesteps)
+        if name in ("loss_second_moment", "importance"):
+            return LossSecondMomentSampler(num_timesteps, **kwargs)
+        if name == "edm_lognormal":
+            if alphas_cumprod is None or len(alphas_cumprod) != num_timesteps:
+                raise ValueError(
+                    "timestep_sampler=edm_lognormal needs the schedule's alphas_cumprod [T]"
+                )
+            return EDMLogNormalSampler(alphas_cumprod, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad parameters {kwargs} for timestep sampler {name!r}: {err}") from None
     if name == "uniform":
-        return UniformSampler(num_timesteps)
-    if name in ("loss_second_moment", "importance"):
-        return LossSecondMomentSampler(num_timesteps, **kwargs)
-    raise ValueError(f"unknown timestep sampler {name!r}: choose 'uniform' or 'loss_second_moment'")
+        raise ValueError(f"timestep_sampler=uniform takes no parameters, got {kwargs}")
+    raise ValueError(
+        f"unknown timestep sampler {name!r}: choose one of {', '.join(TIMESTEP_SAMPLERS)}"
+    )
