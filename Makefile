@@ -9,7 +9,7 @@ STAMP := $(VENV)/.stamp-install
 # The optional extras (W&B dashboard, Optuna search): only the tests and their own targets need them.
 STAMP_EXTRAS := $(VENV)/.stamp-extras
 
-.PHONY: help install quickstart test test-all lint format ablation ablation-cpu ablation-samplers table bench sampler-table dashboard search clean
+.PHONY: help install quickstart test test-all lint format ablation ablation-cpu objectives-cpu ablation-samplers table bench sampler-table dashboard search clean
 
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -48,6 +48,11 @@ format: install  ## ruff format and autofix
 comma := ,
 # The objective rows (conf/experiment/): the paper's six, then three extensions.
 ABLATION_EXPERIMENTS := table2_mu_vlb_learned,table2_mu_vlb_fixed,table2_mu_simple,table2_eps_vlb_learned,table2_eps_vlb_fixed,table2_eps_simple,ext_x0_simple,ext_v_simple,ext_eps_hybrid_learned_range
+# The objectives-as-weightings rows (docs/objectives.md), compared with table2_eps_simple.
+OBJECTIVE_EXPERIMENTS := obj_eps_min_snr,obj_v_min_snr,obj_eps_p2,obj_v_sigmoid,obj_edm,obj_v_zero_snr
+# `make objectives-cpu` runs these groups as parallel streams (space-separated; one thread each).
+OBJECTIVE_SEEDS ?= 0,1,2
+OBJECTIVE_STREAMS ?= obj_edm,obj_v_zero_snr,obj_eps_min_snr,table2_eps_simple obj_v_min_snr,obj_eps_p2,obj_v_sigmoid
 SCHEDULES ?= linear,cosine
 SEEDS ?= 0
 # Extra Hydra overrides, e.g. ABLATION_ARGS='hydra/launcher=submitit_slurm trainer=ddp'.
@@ -82,6 +87,20 @@ ablation-cpu: install  ## Table 2 on the embedded digits, 2 CPU cores (~50 min p
 	for pid in $$pids; do wait $$pid || status=1; done; \
 	echo $$(( $$(date +%s) - start )) > $$dir/wall_clock_s; \
 	echo "wall-clock: $$(cat $$dir/wall_clock_s) s"; \
+	$(PY) -m ddpm.ablation $$dir $(TABLE_ARGS); exit $$status
+
+objectives-cpu: install  ## the weighting rows + ε/L_simple on the digits, linear, OBJECTIVE_SEEDS=0,1,2 (2 CPU cores), then the table
+	@dir=$(or $(SWEEP),logs/objectives_cpu/multiruns/$(NOW)); mkdir -p $$dir; echo "sweep: $$dir (after a crash: make objectives-cpu SWEEP=$$dir)"; \
+	start=$$(date +%s); pids=""; status=0; i=0; \
+	trap 'kill $$pids 2>/dev/null; exit 130' INT TERM; \
+	for stream in $(OBJECTIVE_STREAMS); do \
+		i=$$((i + 1)); echo "stream $$i: $$stream (log: $$dir/stream$$i.log)"; \
+		OMP_NUM_THREADS=$(CPU_THREADS) $(CPU_MALLOC) $(PY) src/train.py -m experiment=$$stream \
+			schedule=linear seed=$(OBJECTIVE_SEEDS) +scale=cpu resume=true \
+			hydra.sweep.dir=$$dir/stream$$i $(ABLATION_ARGS) >> $$dir/stream$$i.log 2>&1 & pids="$$pids $$!"; \
+	done; \
+	for pid in $$pids; do wait $$pid || status=1; done; \
+	echo $$(( $$(date +%s) - start )) > $$dir/wall_clock_s; \
 	$(PY) -m ddpm.ablation $$dir $(TABLE_ARGS); exit $$status
 
 # Samplers a sweep's checkpoints are re-evaluated with (name:steps), for the ranking-by-sampler table.

@@ -33,6 +33,16 @@ EXPERIMENTS = {
     "ext_v_simple": ("v", "fixed_large", "simple"),
     "ext_eps_hybrid_learned_range": ("eps", "learned_range", "hybrid"),
 }
+# The objectives-as-weightings rows → (parameterization, weighting, variant); all fixed_large,
+# loss=simple (docs/objectives.md).
+WEIGHTING_EXPERIMENTS = {
+    "obj_eps_min_snr": ("eps", "min_snr", ""),
+    "obj_v_min_snr": ("v", "min_snr", ""),
+    "obj_eps_p2": ("eps", "p2", ""),
+    "obj_v_sigmoid": ("v", "sigmoid", ""),
+    "obj_edm": ("edm", "edm", "t~edm_lognormal"),
+    "obj_v_zero_snr": ("v", "none", "zero_terminal_snr"),
+}
 
 
 # ---------------------------------------------------------------------------- configs
@@ -52,19 +62,49 @@ def test_experiment_config_sets_its_objective_and_nothing_else(compose_cfg, expe
     assert text.startswith("# @package _global_\n")
 
 
-def test_the_experiment_list_is_the_same_everywhere():
-    """conf/experiment, ddpm.ablation.OBJECTIVES and the Makefile name the same nine rows."""
+@pytest.mark.parametrize("experiment", sorted(WEIGHTING_EXPERIMENTS))
+def test_weighting_experiments_set_their_objective(compose_cfg, experiment):
+    parameterization, weighting, variant = WEIGHTING_EXPERIMENTS[experiment]
+    cfg = compose_cfg(f"experiment={experiment}", "+scale=cpu", tiny=False)
+    assert (cfg.parameterization.name, cfg.variance.name, cfg.loss.name) == (
+        parameterization,
+        "fixed_large",
+        "simple",
+    )
+    assert cfg.weighting.name == weighting and ablation.objective_variant(cfg) == variant
+    assert cfg.data._target_.endswith("DigitsDataModule") and cfg.schedule.name == "linear"
+    diffusion = build_diffusion(cfg)
+    assert diffusion.weighting.name == weighting
+    assert (float(diffusion.alphas_cumprod[-1]) == 0.0) == (variant == "zero_terminal_snr")
+
+
+def test_the_rows_come_from_the_experiment_configs():
+    """Every experiment but the quickstart is a row, in its table_row.order; the Makefile's
+    lists name them; the keys are what the composed configs train."""
     files = {
         p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml") if p.stem != "quickstart"
     }
-    assert files >= set(EXPERIMENTS)
-    assert [o.experiment for o in ablation.OBJECTIVES] == list(EXPERIMENTS)
-    assert {o.experiment: o.key for o in ablation.OBJECTIVES} == {
-        name: (*key, "none") for name, key in EXPERIMENTS.items()
+    rows = ablation.objectives()
+    assert [o.experiment for o in rows] == [*EXPERIMENTS, *WEIGHTING_EXPERIMENTS]
+    assert files == {o.experiment for o in rows}
+    assert {o.experiment: o.key for o in rows} == {
+        **{name: (*key, "none", "") for name, key in EXPERIMENTS.items()},
+        **{
+            name: (p, "fixed_large", "simple", w, variant)
+            for name, (p, w, variant) in WEIGHTING_EXPERIMENTS.items()
+        },
     }
+    by_name = {o.experiment: o for o in rows}
+    assert by_name["table2_eps_simple"].paper_fid == "3.17"
+    assert by_name["table2_eps_vlb_fixed"].paper_nll == "≤ 3.70"
+    assert by_name["ext_v_simple"].paper_is is None and by_name["obj_edm"].label.startswith("EDM")
     makefile = (ROOT / "Makefile").read_text()
-    match = re.search(r"^ABLATION_EXPERIMENTS := (.+)$", makefile, flags=re.MULTILINE)
-    assert match is not None and match.group(1).split(",") == list(EXPERIMENTS)
+    for variable, names in (
+        ("ABLATION_EXPERIMENTS", EXPERIMENTS),
+        ("OBJECTIVE_EXPERIMENTS", WEIGHTING_EXPERIMENTS),
+    ):
+        match = re.search(rf"^{variable} := (.+)$", makefile, flags=re.MULTILINE)
+        assert match is not None and match.group(1).split(",") == list(names), variable
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -207,28 +247,26 @@ def test_classify_run_statuses(sweep):
     ok = ablation.classify_run(linear / "0-eps-simple")
     assert (ok.status, ok.objective_key, ok.schedule, ok.seed) == (
         "ok",
-        (*EPS_SIMPLE, "none"),
+        (*EPS_SIMPLE, "none", ""),
         "linear",
         0,
     )
     diverged = ablation.classify_run(linear / "3-mu-simple")
     assert diverged.status == "unstable"
     assert diverged.reason == "diverged (non-finite loss at step 123)"
-    out_of_range = ablation.classify_run(linear / "4-mu-vlb")
-    assert out_of_range.status == "unstable"
-    assert out_of_range.reason == "samples out of range (25.0% of pixels, limit 5%)"
-    # The threshold is a parameter: 30% tolerates this run.
-    assert ablation.classify_run(linear / "4-mu-vlb", max_out_of_range=0.3).status == "ok"
+    # Pixels out of range alone do not make a run unstable (the scores decide: build_table).
+    assert ablation.classify_run(linear / "4-mu-vlb").status == "ok"
     crashed = ablation.classify_run(linear / "6-eps-learned")
-    assert crashed.status == "crashed" and crashed.objective_key == (*EPS_LEARNED, "none")
+    assert crashed.status == "crashed" and crashed.objective_key == (*EPS_LEARNED, "none", "")
     assert crashed.metrics is None and crashed.seed == 0
     no_config = ablation.classify_run(sweep / "cosine" / "3-x0-small-vlb")
-    assert no_config.objective_key == ("x0", "fixed_small", "vlb", "none") and no_config.seed == 0
+    assert no_config.objective_key == ("x0", "fixed_small", "vlb", "none", "")
+    assert no_config.seed == 0
 
 
 def test_table_cells(sweep):
     runs = [ablation.classify_run(p) for p in ablation.find_runs(sweep)]
-    table = ablation.build_table(runs)
+    table = ablation.build_table(runs, baseline=8.0)  # the data-Gaussian baseline of FD
     assert table.fd_key == FD and table.is_key is None
     cells = _cells(table)
     # Rows in the paper's order, then unknown objectives; linear before cosine.
@@ -254,14 +292,22 @@ def test_table_cells(sweep):
     )
     assert row["Status"] == "ok"
 
-    # Diverged (non-finite loss) and out-of-range samples: "–" like the paper.
+    # Diverged (non-finite loss), and a score worse than the data-Gaussian baseline: "–" like
+    # the paper; the share of pixels out of range is a column, whatever the status.
     row = cells[("table2_mu_simple", "linear")]
     assert (row["IS"], row[fd_col], row[nll_col]) == ("–", "–", "–")
     assert row["Status"] == "seed 0: unstable, diverged (non-finite loss at step 123)"
     assert (row["Paper IS"], row["Paper FID"]) == ("–", "–")
     row = cells[("table2_mu_vlb_fixed", "linear")]
-    assert (row[fd_col], row[nll_col]) == ("–", "–")
-    assert row["Status"].startswith("seed 0: unstable, samples out of range (25.0% of pixels")
+    assert (row[fd_col], row[nll_col], row["Out of range"]) == ("–", "–", "25.0%")
+    assert row["Status"] == (
+        "seed 0: unstable, fd_digits_400 9.0 worse than the data-Gaussian baseline 8.0"
+    )
+    assert cells[("table2_eps_simple", "linear")]["Out of range"] == "0.0 ± 0.0%"
+    # Without a baseline only training and finiteness decide.
+    plain = _cells(ablation.build_table(runs))
+    assert plain[("table2_mu_vlb_fixed", "linear")][fd_col] == "9.00"
+    assert plain[("table2_mu_vlb_fixed", "linear")]["Status"] == "ok"
 
     # A missing metric is "n/a", not "–".
     row = cells[("table2_eps_vlb_fixed", "linear")]
@@ -286,25 +332,31 @@ def test_table_cells(sweep):
 
 def test_markdown_and_csv_files(sweep, tmp_path):
     out = tmp_path / "out"
-    assert ablation.main([str(sweep), "--out", str(out)]) == 0
+    assert ablation.main([str(sweep), "--out", str(out), "--baseline", "8"]) == 0
     md = (out / "ablation.md").read_text()
     header = (
         "| Objective | Experiment | Schedule | Seeds | IS | fd_digits_400 ↓ | NLL test (bits/dim) ↓ "
-        "| Paper IS | Paper FID | Paper NLL | Status |"
+        "| Out of range | Paper IS | Paper FID | Paper NLL | Status |"
     )
     assert header in md
     assert (
         "| ε prediction, ‖ε̃ − ε_θ‖² (L_simple) | table2_eps_simple | linear | 3 | n/a "
-        "| 2.33 ± 1.53 | 1.200 ± 0.100 | 9.46 ± 0.11 | 3.17 | ≤ 3.75 | ok |"
+        "| 2.33 ± 1.53 | 1.200 ± 0.100 | 0.0 ± 0.0% | 9.46 ± 0.11 | 3.17 | ≤ 3.75 | ok |"
     ) in md
     assert (
-        "| μ̃ prediction, ‖μ̃ − μ̃_θ‖² | table2_mu_simple | linear | 1 | – | – | – | – | – |  "
-        "| seed 0: unstable, diverged (non-finite loss at step 123) |"
+        "| μ̃ prediction, ‖μ̃ − μ̃_θ‖² | table2_mu_simple | linear | 1 | – | – | – | 0.0% | – | – "
+        "|  | seed 0: unstable, diverged (non-finite loss at step 123) |"
     ) in md
     assert "first 100 images of the test split" in md and "`abc123`" in md
-    # The unstable runs' measured values are listed below the table.
-    assert "| 3-mu-simple | 0 | n/a | n/a | 0 | nan | 123 |" in md
-    assert "| 4-mu-vlb | 0 | 9 | 2 | 0.25 | n/a | n/a |" in md
+    assert "Baseline: `fd_digits_400` = 8.00, given with --baseline." in md
+    # The unstable runs' measured values and the reason are listed below the table.
+    assert (
+        "| 3-mu-simple | 0 | n/a | diverged (non-finite loss at step 123) | n/a | 0 | nan |" in md
+    )
+    assert (
+        "| 4-mu-vlb | 0 | 9 | fd_digits_400 9.0 worse than the data-Gaussian baseline 8.0 "
+        "| 2 | 0.25 | n/a | n/a |"
+    ) in md
     assert not (sweep / "ablation.md").exists()  # --out was honoured
 
     with (out / "ablation.csv").open() as handle:
@@ -320,6 +372,24 @@ def test_markdown_and_csv_files(sweep, tmp_path):
         ("table2_eps_vlb_learned", "linear")
     ]
     assert crashed["n_crashed"] == "1" and crashed["fd_mean"] == ""
+    assert first["fd_baseline"] == "8.0" and float(first["out_of_range_pct_mean"]) == 0.0
+
+
+def test_baseline_option_and_its_note(sweep, tmp_path, capsys):
+    """'none' and a run set without data config: the table says why there is no baseline."""
+    assert ablation.main([str(sweep), "--out", str(tmp_path / "a"), "--baseline", "none"]) == 0
+    assert "No baseline was computed (--baseline none)" in (tmp_path / "a/ablation.md").read_text()
+    assert ablation.main([str(sweep), "--out", str(tmp_path / "b")]) == 0  # auto: no data config
+    assert (
+        "No baseline was computed (could not compute it here"
+        in (tmp_path / "b/ablation.md").read_text()
+    )
+    assert ablation.main([str(sweep), "--baseline", "low"]) == 2
+    assert "--baseline 'low'" in capsys.readouterr().err
+    assert ablation.protocol_num_samples("fid_10k_ddim100") == 10_000
+    assert ablation.protocol_num_samples("fd_digits_400") == 400
+    with pytest.raises(ValueError, match="does not name its number of samples"):
+        ablation.protocol_num_samples("fd_digits")
 
 
 def test_fid_50k_is_preferred_and_brings_its_is(tmp_path):

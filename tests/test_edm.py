@@ -86,7 +86,9 @@ def test_sigma_data_one_is_v_prediction_up_to_sign() -> None:
     )
     # And so the losses agree for the outputs F = −v.
     lv = v.loss(v, output, x0, x_t, t, noise)["loss"]
-    torch.testing.assert_close(d.loss(d, -output, x0, x_t, t, noise)["loss"], lv, rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        d.loss(d, -output, x0, x_t, t, noise)["loss"], lv, rtol=1e-10, atol=0
+    )
 
 
 def test_plain_f_mse_is_the_edm_weighting() -> None:

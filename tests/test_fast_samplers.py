@@ -69,9 +69,7 @@ def _toy_net(
             sigma2 = (1.0 - safe) / safe
             c_skip = SIGMA_DATA**2 / (sigma2 + SIGMA_DATA**2)
             c_out = sigma2.sqrt() * SIGMA_DATA / (sigma2 + SIGMA_DATA**2).sqrt()
-            return torch.where(
-                positive, (x0 - c_skip * x / safe.sqrt()) / c_out, x0 / SIGMA_DATA
-            )
+            return torch.where(positive, (x0 - c_skip * x / safe.sqrt()) / c_out, x0 / SIGMA_DATA)
         return {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1.0 - ab).sqrt() * x0}[param]
 
     return net

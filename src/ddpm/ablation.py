@@ -2,18 +2,25 @@
 
 Reads every run below ``sweep_dir`` (any depth; a run is a directory holding ``metrics.json``
 and/or Hydra's ``.hydra/config.yaml``, e.g. ``<sweep>/<num>-<run_name>/`` of a multirun), groups
-the runs by objective (parameterisation × variance × loss) and schedule, and writes
+the runs by objective (parameterisation × variance × loss × weighting, plus a timestep density or
+zero terminal SNR when they differ from the default) and schedule, and writes
 
 - ``ablation.md``: the paper's layout — objective rows; IS, FID (or the offline ``fd_digits``
   proxy) and NLL (bits/dim) columns as mean ± std over seeds; the paper's numbers side by side;
 - ``ablation.csv``: the same cells plus the raw means, standard deviations and counts;
 - with ``--wandb``, the CSV rows as a W&B table (offline when no credentials are configured).
 
-Cells: ``–`` when every finished run of the row was unstable, as in the paper (non-finite
-training loss → ``diverged: true`` in metrics.json, non-finite samples, or more than
-``max_out_of_range`` of the sample pixels beyond ±(1 + 2/255) before quantisation, measured on
-the full ancestral sampler, or a non-finite bound); ``n/a`` when the metric was not computed;
-runs without ``metrics.json`` are listed as ``crashed`` and never stop the table from being built.
+The rows, their order, labels and the paper's numbers come from the experiment configs
+(``conf/experiment/*.yaml``, their ``table_row`` block: :func:`objectives`).
+
+Cells: ``–`` when every finished run of the row was unstable, the paper's "unstable training and
+poor samples with out-of-range scores" stated from scores and training: a non-finite training
+loss (``diverged: true`` in metrics.json), non-finite samples or bound, or a Fréchet distance
+worse than that of a Gaussian fitted to the data's pixel mean and covariance (the *data-Gaussian
+baseline*, :mod:`ddpm.metrics.baseline`: the score of a model that learned nothing more). The
+share of sample pixels beyond ±(1 + 2/255) is a column of its own. ``n/a`` when the metric was
+not computed; runs without ``metrics.json`` are listed as ``crashed`` and never stop the table
+from being built.
 
 Re-evaluations of a run under other samplers (``python -m ddpm.sweep_eval``, written to
 ``<run>/evaluations/<sampler>/metrics.json``) add a second table to ``ablation.md`` and
@@ -25,9 +32,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import functools
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,9 +48,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
-    "DEFAULT_MAX_OUT_OF_RANGE",
     "EVALUATIONS_DIR",
-    "OBJECTIVES",
     "Cell",
     "Objective",
     "RunRecord",
@@ -48,10 +56,14 @@ __all__ = [
     "TableRow",
     "build_table",
     "classify_run",
+    "compute_baseline",
     "csv_rows",
     "find_runs",
     "log_wandb",
     "main",
+    "objective_variant",
+    "objectives",
+    "protocol_num_samples",
     "render_markdown",
     "sampler_csv_rows",
     "sampler_keys",
@@ -59,8 +71,6 @@ __all__ = [
     "write_table",
 ]
 
-#: Share of sample pixels allowed beyond ±(1 + 2/255) before a run counts as unstable ("–").
-DEFAULT_MAX_OUT_OF_RANGE = 0.05
 DIVERGED = "–"
 MISSING = "n/a"
 _SCHEDULE_ORDER = ("linear", "cosine")
@@ -70,8 +80,9 @@ _NOT_RUNS = {"wandb", "checkpoints", "samples", "nll", "csv", "tensorboard", EVA
 _SAMPLE_QUALITY_PREFIXES = ("fid_", "fd_digits_", "is_")
 
 
-#: (parameterisation, variance, loss, weighting): what makes two runs the same objective.
-ObjectiveKey = tuple[str, str, str, str]
+#: (parameterisation, variance, loss, weighting, variant): what makes two runs the same objective;
+#: the variant names a non-uniform timestep density and zero terminal SNR (:func:`objective_variant`).
+ObjectiveKey = tuple[str, str, str, str, str]
 
 
 @dataclass(frozen=True)
@@ -92,46 +103,55 @@ class Objective:
     paper_fid: str | None = None
     paper_nll: str | None = None
     weighting: str = "none"
+    variant: str = ""
 
     @property
     def key(self) -> ObjectiveKey:
-        return (self.parameterization, self.variance, self.loss, self.weighting)
+        return (self.parameterization, self.variance, self.loss, self.weighting, self.variant)
 
 
-#: The rows of the table, in the paper's order, then the extensions.
-OBJECTIVES: tuple[Objective, ...] = (
-    Objective(
-        "table2_mu_vlb_learned", "mu", "learned", "vlb",
-        "μ̃ prediction, L, learned diagonal Σ", "7.28 ± 0.10", "23.69",
-    ),
-    Objective(
-        "table2_mu_vlb_fixed", "mu", "fixed_large", "vlb",
-        "μ̃ prediction, L, fixed isotropic Σ", "8.06 ± 0.09", "13.22",
-    ),
-    Objective(
-        "table2_mu_simple", "mu", "fixed_large", "simple",
-        "μ̃ prediction, ‖μ̃ − μ̃_θ‖²", DIVERGED, DIVERGED,
-    ),
-    Objective(
-        "table2_eps_vlb_learned", "eps", "learned", "vlb",
-        "ε prediction, L, learned diagonal Σ", DIVERGED, DIVERGED,
-    ),
-    Objective(
-        "table2_eps_vlb_fixed", "eps", "fixed_large", "vlb",
-        "ε prediction, L, fixed isotropic Σ", "7.67 ± 0.13", "13.51", "≤ 3.70",
-    ),
-    Objective(
-        "table2_eps_simple", "eps", "fixed_large", "simple",
-        "ε prediction, ‖ε̃ − ε_θ‖² (L_simple)", "9.46 ± 0.11", "3.17", "≤ 3.75",
-    ),
-    Objective("ext_x0_simple", "x0", "fixed_large", "simple", "x₀ prediction, ‖x₀ − x̂₀‖² (ext.)"),
-    Objective("ext_v_simple", "v", "fixed_large", "simple", "v prediction, ‖v − v_θ‖² (ext.)"),
-    Objective(
-        "ext_eps_hybrid_learned_range", "eps", "learned_range", "hybrid",
-        "ε prediction, L_hybrid, learned-range Σ (ext.)",
-    ),
-)  # fmt: skip
-_BY_KEY = {objective.key: objective for objective in OBJECTIVES}
+def objective_variant(cfg: DictConfig | None) -> str:
+    """What besides the four groups sets a run's objective: ``t~<sampler>`` for a timestep
+    sampler other than uniform and ``zero_terminal_snr``, joined by ``+`` (``""`` for neither)."""
+    parts = []
+    sampler = _select(cfg, "module.timestep_sampler")
+    if sampler not in (None, "uniform"):
+        parts.append(f"t~{sampler}")
+    if _select(cfg, "schedule.zero_terminal_snr"):
+        parts.append("zero_terminal_snr")
+    return "+".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def objectives() -> tuple[Objective, ...]:
+    """The table's rows, from every ``conf/experiment/*.yaml`` with a ``table_row`` block, in
+    their ``table_row.order``: each experiment is composed like ``src/train.py`` would, so the
+    key is what the experiment really trains."""
+    from ddpm.configs import compose_config, conf_dir
+
+    found = []
+    for file in sorted((conf_dir() / "experiment").glob("*.yaml")):
+        row = OmegaConf.load(file).get("table_row")
+        if row is None:
+            continue
+        cfg = compose_config([f"experiment={file.stem}"])
+        paper = row.get("paper") or {}
+        objective = Objective(
+            experiment=file.stem,
+            parameterization=str(cfg.parameterization.name),
+            variance=str(cfg.variance.name),
+            loss=str(cfg.loss.name),
+            label=str(row.label),
+            paper_is=paper.get("is"),
+            paper_fid=paper.get("fid"),
+            paper_nll=paper.get("nll"),
+            weighting=str(_select(cfg, "weighting.name") or "none"),
+            variant=objective_variant(cfg),
+        )
+        found.append((float(row.order), file.stem, objective))
+    return tuple(objective for _, _, objective in sorted(found))
+
+
 #: The schedule the paper's numbers were measured with.
 PAPER_SCHEDULE = "linear"
 
@@ -141,8 +161,8 @@ PAPER_SCHEDULE = "linear"
 class RunRecord:
     """One run directory of a sweep.
 
-    ``status`` is ``"ok"``, ``"unstable"`` (diverged or out-of-range samples: a "–" in the
-    table), or ``"crashed"`` (no ``metrics.json``: the job died, or is still running);
+    ``status`` is ``"ok"``, ``"unstable"`` (diverged, non-finite, or, once :func:`build_table`
+    compares it with the data-Gaussian baseline, a worse Fréchet distance: a "–"), or ``"crashed"`` (no ``metrics.json``: the job died, or is still running);
     ``reason`` says why it is not ``"ok"``. ``evaluations`` holds the sample-quality metrics of
     its re-evaluations under other samplers (``<run>/evaluations/*/metrics.json``).
     """
@@ -159,12 +179,13 @@ class RunRecord:
     reason: str = ""
     evaluations: dict[str, float] = field(default_factory=dict)
     weighting: str = "none"
+    variant: str = ""
 
     @property
     def objective_key(self) -> ObjectiveKey | None:
         if None in (self.parameterization, self.variance, self.loss):
             return None
-        return (self.parameterization, self.variance, self.loss, self.weighting)  # type: ignore[return-value]
+        return (self.parameterization, self.variance, self.loss, self.weighting, self.variant)  # type: ignore[return-value]
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -230,7 +251,7 @@ def _load_metrics(path: Path) -> tuple[dict[str, Any] | None, str]:
     return data, ""
 
 
-def classify_run(path: str | Path, max_out_of_range: float = DEFAULT_MAX_OUT_OF_RANGE) -> RunRecord:
+def classify_run(path: str | Path) -> RunRecord:
     """Read one run directory: its objective, schedule, seed, metrics and stability status.
 
     The objective comes from ``metrics.json`` (``diffusion`` = ``"<param>-<variance>-<loss>"``,
@@ -262,12 +283,13 @@ def classify_run(path: str | Path, max_out_of_range: float = DEFAULT_MAX_OUT_OF_
         metrics=metrics,
         config=cfg,
         weighting=str(weighting),
+        variant=objective_variant(cfg),
     )
     if metrics is None:
         record.status, record.reason = "crashed", problem
         return record
     record.evaluations = _load_evaluations(path)
-    reason = _instability(metrics, max_out_of_range)
+    reason = _instability(metrics)
     if reason:
         record.status, record.reason = "unstable", reason
     return record
@@ -284,8 +306,9 @@ def _load_evaluations(path: Path) -> dict[str, float]:
     return found
 
 
-def _instability(metrics: Mapping[str, Any], max_out_of_range: float) -> str:
-    """Why a finished run counts as unstable (the paper's "–"), or ``""``."""
+def _instability(metrics: Mapping[str, Any]) -> str:
+    """Why a finished run counts as unstable from its training and finiteness, or ``""``
+    (the comparison with the data-Gaussian baseline is :func:`build_table`'s)."""
     if metrics.get("diverged"):
         step = metrics.get("diverged_at_step")
         return "diverged (non-finite loss" + (f" at step {step})" if step is not None else ")")
@@ -297,9 +320,6 @@ def _instability(metrics: Mapping[str, Any], max_out_of_range: float) -> str:
     nll = metrics.get("nll_bpd")
     if isinstance(nll, (int, float)) and not isinstance(nll, bool) and not math.isfinite(nll):
         return "non-finite bound (nll_bpd)"
-    fraction = metrics.get("samples_out_of_range_fraction")
-    if _finite(fraction) and fraction > max_out_of_range:
-        return f"samples out of range ({fraction:.1%} of pixels, limit {max_out_of_range:.0%})"
     return ""
 
 
@@ -349,6 +369,8 @@ class TableRow:
     loss: str
     schedule: str
     runs: list[RunRecord] = field(default_factory=list)
+    weighting: str = "none"
+    variant: str = ""
     cells: dict[str, Cell] = field(default_factory=dict)
     paper: dict[str, str] = field(default_factory=dict)
     status: str = ""
@@ -418,13 +440,28 @@ class Table:
     is_key: str | None
     unclassified: list[RunRecord]
     runs: list[RunRecord]
-    max_out_of_range: float
+    #: The data-Gaussian baseline of ``fd_key`` (None: not computed, the rule then ignores scores).
+    baseline: float | None = None
+    #: Why there is no baseline, when there is none.
+    baseline_note: str = ""
+
+
+def _worse_than_baseline(run: RunRecord, fd_key: str | None, baseline: float | None) -> RunRecord:
+    """``run``, marked unstable when its ``fd_key`` is worse than the data-Gaussian baseline."""
+    if run.status != "ok" or fd_key is None or baseline is None:
+        return run
+    value = (run.metrics or {}).get(fd_key)
+    if not _finite(value) or value <= baseline:
+        return run
+    reason = f"{fd_key} {value:.1f} worse than the data-Gaussian baseline {baseline:.1f}"
+    return dataclasses.replace(run, status="unstable", reason=reason)
 
 
 def build_table(
     runs: Sequence[RunRecord],
     fd_key: str | None = None,
-    max_out_of_range: float = DEFAULT_MAX_OUT_OF_RANGE,
+    baseline: float | None = None,
+    baseline_note: str = "",
 ) -> Table:
     """Group runs by (objective, schedule) and compute every cell.
 
@@ -432,13 +469,16 @@ def build_table(
         runs: from :func:`classify_run`.
         fd_key: the sample-quality metric (e.g. ``fid_50k``, ``fd_digits_400``); None chooses it
             from the runs (``fid_50k`` if present, else the most common key).
-        max_out_of_range: the limit the runs were classified with (quoted in the notes).
+        baseline: the data-Gaussian baseline of ``fd_key`` (:func:`compute_baseline`); a run
+            scoring worse is unstable ("–"). None: only training and finiteness decide.
+        baseline_note: why ``baseline`` is None (quoted in the notes).
     """
     auto_fd, auto_is = _sample_quality_keys(runs)
     if fd_key is None:
         fd_key, is_key = auto_fd, auto_is
     else:
         is_key = "is_" + fd_key.split("_", 1)[1] if fd_key.startswith("fid_") else None
+    runs = [_worse_than_baseline(run, fd_key, baseline) for run in runs]
     groups: dict[tuple[ObjectiveKey, str], list[RunRecord]] = {}
     unclassified = []
     for run in runs:
@@ -447,24 +487,27 @@ def build_table(
             continue
         groups.setdefault((run.objective_key, run.schedule), []).append(run)
 
-    known = [o.key for o in OBJECTIVES]
-    extra = sorted({key for key, _ in groups if key not in _BY_KEY})
+    by_key = {objective.key: objective for objective in objectives()}
+    known = list(by_key)
+    extra = sorted({key for key, _ in groups if key not in by_key})
 
     def order(item: tuple[ObjectiveKey, str]) -> tuple[int, tuple[int, str]]:
         key, schedule = item
-        index = known.index(key) if key in _BY_KEY else len(known) + extra.index(key)
+        index = known.index(key) if key in by_key else len(known) + extra.index(key)
         return index, _schedule_rank(schedule)
 
     rows = []
     for key, schedule in sorted(groups, key=order):
         members = groups[(key, schedule)]
-        objective = _BY_KEY.get(key)
+        objective = by_key.get(key)
         if objective is None:
-            p, v, loss, w = key
+            p, v, loss, w, variant = key
             label = f"{p} prediction, loss={loss}, variance={v}"
             if w != "none":
                 label += f", weighting={w}"
-            objective = Objective("", p, v, loss, label, weighting=w)
+            if variant:
+                label += f", {variant}"
+            objective = Objective("", p, v, loss, label, weighting=w, variant=variant)
         row = TableRow(
             experiment=objective.experiment,
             label=objective.label,
@@ -473,11 +516,14 @@ def build_table(
             loss=key[2],
             schedule=schedule,
             runs=members,
+            weighting=key[3],
+            variant=key[4],
         )
         row.cells = {
             "is": _cell(members, is_key, 2),
             "fd": _cell(members, fd_key, 2),
             "nll": _cell(members, "nll_bpd", 3),
+            "range": _out_of_range_cell(members),
         }
         if schedule == PAPER_SCHEDULE:
             row.paper = {
@@ -489,7 +535,67 @@ def build_table(
             row.paper = {"is": "", "fd": "", "nll": ""}
         row.status = _status(members)
         rows.append(row)
-    return Table(rows, fd_key, is_key, unclassified, list(runs), max_out_of_range)
+    return Table(rows, fd_key, is_key, unclassified, list(runs), baseline, baseline_note)
+
+
+def _out_of_range_cell(runs: Sequence[RunRecord]) -> Cell:
+    """Mean ± std of the share of sample pixels beyond ±(1 + 2/255), in percent, over every
+    finished run (stable or not: it describes the samples, it does not decide "–")."""
+    values = [
+        100.0 * float(r.metrics["samples_out_of_range_fraction"])
+        for r in runs
+        if r.metrics is not None and _finite(r.metrics.get("samples_out_of_range_fraction"))
+    ]
+    if not values:
+        return Cell(MISSING)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else None
+    text = f"{mean:.1f}%" if std is None else f"{mean:.1f} ± {std:.1f}%"
+    return Cell(text, mean, std, len(values))
+
+
+_COUNT_TAG = re.compile(r"^(?:fid|fd_digits)_(\d+)(k?)(?:_|$)")
+
+
+def protocol_num_samples(fd_key: str) -> int:
+    """N of a sample-quality key: ``fd_digits_400`` → 400, ``fid_10k_ddim100`` → 10000."""
+    match = _COUNT_TAG.match(fd_key)
+    if match is None:
+        raise ValueError(f"{fd_key!r} does not name its number of samples (e.g. fd_digits_400)")
+    return int(match.group(1)) * (1000 if match.group(2) else 1)
+
+
+def compute_baseline(
+    runs: Sequence[RunRecord], fd_key: str | None, seed: int = 0
+) -> tuple[float | None, str]:
+    """The data-Gaussian baseline of ``fd_key`` for the runs' data set, and a note.
+
+    The data set, feature network and N are those of the first run whose metrics hold
+    ``fd_key`` (N from the key's name). Returns ``(None, why)`` when it cannot be computed,
+    e.g. without the data or the Inception weights on this machine.
+    """
+    if fd_key is None:
+        return None, "no sample-quality metric in the runs"
+    run = next((r for r in runs if r.config is not None and fd_key in (r.metrics or {})), None)
+    if run is None:
+        return None, f"no run with {fd_key} has a saved config (.hydra/config.yaml)"
+    try:
+        from ddpm.builders import build_datamodule
+        from ddpm.metrics.baseline import data_gaussian_baseline
+
+        datamodule = build_datamodule(run.config)
+        value = data_gaussian_baseline(
+            datamodule,
+            protocol_num_samples(fd_key),
+            feature_extractor="inception" if fd_key.startswith("fid_") else "digits",
+            seed=seed,
+            inception_weights=_select(run.config, "metrics.inception_weights"),
+            cache_dir=_select(run.config, "paths.cache_dir"),
+            allow_download=False,
+        )
+    except Exception as err:  # no data or weights here: the table is still built
+        return None, f"could not compute it here ({type(err).__name__}: {err})"
+    return value, f"N = {protocol_num_samples(fd_key)} samples, seed {seed}"
 
 
 # ---------------------------------------------------------------------------- by sampler
@@ -597,6 +703,7 @@ def _headers(table: Table) -> list[str]:
         is_header,
         f"{fd_header} ↓",
         "NLL test (bits/dim) ↓",
+        "Out of range",
         "Paper IS",
         "Paper FID",
         "Paper NLL",
@@ -616,6 +723,7 @@ def _display_row(row: TableRow) -> list[str]:
         row.cells["is"].text,
         row.cells["fd"].text,
         row.cells["nll"].text,
+        row.cells["range"].text,
         row.paper["is"],
         row.paper["fd"],
         row.paper["nll"],
@@ -641,6 +749,12 @@ _RAW_COLUMNS = [
     "nll_bpd_mean",
     "nll_bpd_std",
     "nll_bpd_n",
+    "out_of_range_pct_mean",
+    "out_of_range_pct_std",
+    "out_of_range_n",
+    "variant",
+    "weighting",
+    "fd_baseline",
 ]
 
 
@@ -668,6 +782,12 @@ def _raw_row(row: TableRow, table: Table) -> list[Any]:
         num(cells["nll"].mean),
         num(cells["nll"].std),
         cells["nll"].n,
+        num(cells["range"].mean),
+        num(cells["range"].std),
+        cells["range"].n,
+        row.variant,
+        row.weighting,
+        num(table.baseline),
     ]
 
 
@@ -705,6 +825,7 @@ def _commands(sweep_dir: Path) -> list[str]:
 
 _UNSTABLE_KEYS = (
     "FID column",
+    "reason",
     "nll_bpd",
     "samples_out_of_range_fraction",
     "final_train_loss",
@@ -723,6 +844,14 @@ def _raw_value(metrics: Mapping[str, Any], key: str, fd_key: str | None) -> str:
     return str(value)
 
 
+def _baseline_sentence(table: Table) -> str:
+    if table.baseline is None:
+        why = f" ({table.baseline_note})" if table.baseline_note else ""
+        return f"No baseline was computed{why}, so only training and finiteness decide here."
+    note = f", {table.baseline_note}" if table.baseline_note else ""
+    return f"Baseline: `{table.fd_key}` = {table.baseline:.2f}{note}."
+
+
 def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
     """The table and its notes as a markdown document."""
     headers = _headers(table)
@@ -737,10 +866,15 @@ def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
         "- Cells are mean ± sample standard deviation over the seeds that finished stably "
         "(one seed: the value alone; `(n=k)` when a metric exists for only k of them). "
         "`Seeds` counts finished runs (`finished/launched` when some crashed).",
-        f"- `{DIVERGED}`: every finished run of the row was unstable, as in the paper — a "
-        "non-finite training loss (`diverged`), non-finite samples or bound, or more than "
-        f"{table.max_out_of_range:.0%} of the pixels of samples from the full ancestral sampler "
-        "beyond ±(1 + 2/255) before quantisation (`samples_out_of_range_fraction`).",
+        f"- `{DIVERGED}`: every finished run of the row was unstable, the paper's \"unstable "
+        'training and poor samples with out-of-range scores" stated from scores and training: '
+        "a non-finite training loss (`diverged`), non-finite samples or bound, or a Fréchet "
+        "distance worse than the data-Gaussian baseline (a Gaussian fitted to the data's pixel "
+        "mean and covariance, sampled and scored with the same protocol: a model that learned "
+        "nothing more). " + _baseline_sentence(table),
+        "- Out of range: share of the pixels of samples from the full ancestral sampler beyond "
+        "±(1 + 2/255) before quantisation (`samples_out_of_range_fraction`), mean over every "
+        "finished run, stable or not; it is reported, it does not decide `–`.",
         f"- `{MISSING}`: the metric was not computed (or the run crashed before writing "
         "`metrics.json`); it is not a divergence.",
         "- Paper columns: Ho et al. (2020), CIFAR-10, linear schedule, T = 1000: IS and FID "
@@ -789,7 +923,12 @@ def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
             "|" + "---|" * (len(_UNSTABLE_KEYS) + 2),
         ]
         for run in sorted(unstable, key=lambda r: str(r.path)):
-            values = [_raw_value(run.metrics, key, table.fd_key) for key in _UNSTABLE_KEYS]
+            values = [
+                _md_escape(run.reason)
+                if key == "reason"
+                else _raw_value(run.metrics, key, table.fd_key)
+                for key in _UNSTABLE_KEYS
+            ]
             name = run.metrics.get("run_name") or run.path.name
             lines.append(f"| {name} | {run.seed} | " + " | ".join(values) + " |")
     if table.unclassified:
@@ -867,24 +1006,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         "most common fid_*/fd_digits_* key)",
     )
     parser.add_argument(
-        "--max-out-of-range",
-        type=float,
-        default=DEFAULT_MAX_OUT_OF_RANGE,
-        help="share of out-of-range sample pixels above which a run is unstable (default "
-        f"{DEFAULT_MAX_OUT_OF_RANGE})",
+        "--baseline",
+        default="auto",
+        help="data-Gaussian baseline of the FID column: 'auto' (computed from the runs' data "
+        "set and protocol, default), a number, or 'none' (then only training and finiteness "
+        "decide '–')",
     )
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"error: sweep directory {str(args.sweep_dir)!r} does not exist", file=sys.stderr)
         return 1
-    runs = [classify_run(p, args.max_out_of_range) for p in find_runs(args.sweep_dir)]
+    runs = [classify_run(p) for p in find_runs(args.sweep_dir)]
     if not runs:
         print(
             f"error: no runs (metrics.json or .hydra/config.yaml) below {str(args.sweep_dir)!r}",
             file=sys.stderr,
         )
         return 1
-    table = build_table(runs, fd_key=args.fd_key, max_out_of_range=args.max_out_of_range)
+    fd_key = args.fd_key or _sample_quality_keys(runs)[0]
+    if args.baseline == "auto":
+        baseline, note = compute_baseline(runs, fd_key)
+    elif args.baseline == "none":
+        baseline, note = None, "--baseline none"
+    else:
+        try:
+            baseline, note = float(args.baseline), "given with --baseline"
+        except ValueError:
+            print(
+                f"error: --baseline {args.baseline!r}: give 'auto', 'none' or a number",
+                file=sys.stderr,
+            )
+            return 2
+    table = build_table(runs, fd_key=fd_key, baseline=baseline, baseline_note=note)
     md_path = write_table(table, args.out or args.sweep_dir, args.sweep_dir)
     print(md_path.read_text())
     print(f"wrote {md_path} and {md_path.with_suffix('.csv')}")

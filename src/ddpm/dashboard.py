@@ -326,17 +326,9 @@ def panel_patterns(cfg: DictConfig, sections: Sequence[SectionSpec] = SECTIONS) 
 
 def compose_run_config(overrides: Sequence[str] = ()) -> DictConfig:
     """``conf/train.yaml`` composed with ``overrides`` (the sweep's), as the runs were."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from ddpm.configs import compose_config
 
-    from ddpm.notebook_utils import repo_root
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(repo_root() / "conf"), version_base="1.3"):
-            return compose("train", overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_config(overrides)
 
 
 # --------------------------------------------------------------------------- the workspace

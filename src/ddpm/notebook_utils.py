@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ddpm.configs import compose_config, repo_root
+
 __all__ = [
     "DEMO_SWEEP_RUNS",
     "ENV_DEVICE",
@@ -94,22 +96,6 @@ class NotebookSettings:
     device: torch.device
 
 
-def repo_root() -> Path:
-    """The repository root (the directory holding ``conf/train.yaml``).
-
-    Raises:
-        FileNotFoundError: when the package is not an editable install of the repository and the
-            working directory holds no ``conf/train.yaml`` either.
-    """
-    for candidate in (Path(__file__).resolve().parents[2], Path.cwd(), *Path.cwd().parents):
-        if (candidate / "conf" / "train.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(
-        "cannot find the repository's conf/train.yaml; run the notebook from the repository "
-        "(pip install -e . and start Jupyter in the checkout)"
-    )
-
-
 def notebook_settings() -> NotebookSettings:
     """Read ``DDPM_NOTEBOOK_TINY``, ``DDPM_NOTEBOOK_WORKDIR`` and ``DDPM_NOTEBOOK_DEVICE``."""
     tiny = os.environ.get(ENV_TINY, "").strip().lower() in _TRUE
@@ -159,17 +145,8 @@ def compose_train_config(
 
     The logger is always ``csv`` (offline, no W&B account needed).
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     workdir = Path(workdir) if workdir is not None else notebook_settings().workdir
-    all_overrides = [*overrides, "logger=csv", *(TINY_OVERRIDES if tiny else ())]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(str(repo_root() / "conf"), version_base="1.3"):
-            cfg = compose("train", overrides=all_overrides)
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = compose_config([*overrides, "logger=csv", *(TINY_OVERRIDES if tiny else ())])
     with open_dict(cfg):
         cfg.paths.root_dir = str(workdir)
         cfg.paths.output_dir = str(Path(output_dir).resolve())

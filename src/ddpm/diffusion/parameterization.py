@@ -37,9 +37,7 @@ class Parameterization:
     #: Whether clipping x̂₀ changes μ_θ (false when the network predicts μ_θ itself).
     mean_from_pred_x0: bool = True
 
-    def net_input(
-        self, d: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor
-    ) -> torch.Tensor:
+    def net_input(self, d: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network sees in place of x_t (EDM's c_in x); x_t itself by default."""
         return x_t
 
