@@ -101,7 +101,7 @@ def test_plain_f_mse_is_the_edm_weighting() -> None:
     torch.testing.assert_close(
         weighted.loss(weighted, output, x0, x_t, t, noise)["loss"], plain, rtol=1e-10, atol=0
     )
-    abar, sigma, *_ = _edm_coefficients(d, t, 0.5)
+    _, sigma, *_ = _edm_coefficients(d, t, 0.5)
     lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2  # EDM's x₀-space weight
     x0_hat = d.parameterization.pred_x0(d, output, x_t, t)
     torch.testing.assert_close(
