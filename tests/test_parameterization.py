@@ -217,7 +217,7 @@ def test_learned_variance_uses_the_last_c_channels(sched) -> None:
 
 # ---------------------------------------------------------------- registries and errors
 def test_registries_and_unknown_names_list_choices() -> None:
-    assert set(PARAMETERIZATIONS) == {"eps", "x0", "mu", "v"}
+    assert set(PARAMETERIZATIONS) == {"eps", "x0", "mu", "v", "edm"}
     assert set(VARIANCES) == {"fixed_large", "fixed_small", "learned", "learned_range"}
     with pytest.raises(ValueError, match="epsilon") as err:
         make_parameterization("epsilon")

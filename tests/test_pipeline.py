@@ -20,7 +20,7 @@ from ddpm.errors import CheckpointError, ConfigError, OutputDirError
 from ddpm.training import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-PARAMETERIZATIONS = ["eps", "x0", "mu", "v"]
+PARAMETERIZATIONS = ["eps", "x0", "mu", "v", "edm"]
 VARIANCES = ["fixed_large", "fixed_small", "learned", "learned_range"]
 LOSSES = ["simple", "vlb", "hybrid"]
 SCHEDULES = ["linear", "cosine", "quad", "sigmoid"]
@@ -90,7 +90,7 @@ COMBOS = list(itertools.product(PARAMETERIZATIONS, VARIANCES, LOSSES, SCHEDULES)
 
 @pytest.mark.parametrize("variance,loss", list(itertools.product(VARIANCES, LOSSES)))
 def test_one_finite_training_step_for_every_valid_combination(compose_cfg, variance, loss):
-    """All 4 parameterisations × 4 schedules for this variance × loss: one step, finite grads."""
+    """All 5 parameterisations × 4 schedules for this variance × loss: one step, finite grads."""
     base = compose_cfg(f"variance={variance}", f"loss={loss}")
     for parameterization, schedule in itertools.product(PARAMETERIZATIONS, SCHEDULES):
         overrides = [parameterization, variance, loss, schedule]

@@ -39,72 +39,6 @@ Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RESPACED_CACHE_SIZE = 8
 
 
-class _RespacedParameterization(Parameterization):
-    """The parent's parameterisation as seen from a respaced child (K of the T steps).
-
-    The network was trained on the parent's one-step transitions at the original timesteps, so its
-    output is read with the parent's tables at the original timestep (``timestep_map[t]``) to get
-    x̂₀, and the child's mean is the respaced posterior mean μ̃(x_t, x̂₀) over the longer jump.
-    For ε, x₀ and v prediction this is what the plain parameterisation gives anyway (they depend
-    only on ᾱ, which respacing keeps); for μ̃ prediction it is the only consistent reading, since
-    the network's μ̃ is the mean of a *one-step* posterior. As without respacing, clipping x̂₀
-    does not change the mean under μ̃ prediction.
-    """
-
-    def __init__(
-        self, base: Parameterization, parent: GaussianDiffusion, timestep_map: torch.Tensor
-    ) -> None:
-        self.base = base
-        self.parent = parent
-        self.timestep_map = timestep_map
-        self.name = base.name
-
-    def net_input(self, d, x_t, t):
-        return self.base.net_input(self.parent, x_t, self.timestep_map[t])
-
-    def pred_x0(self, d, output, x_t, t):
-        return self.base.pred_x0(self.parent, output, x_t, self.timestep_map[t])
-
-    def target(self, d, x0, x_t, t, noise):
-        return self.base.target(self.parent, x0, x_t, self.timestep_map[t], noise)
-
-    def mean(self, d, output, x_t, t, pred_x0):
-        if not self.base.mean_from_pred_x0:  # μ̃ prediction: the unclipped x̂₀ sets the mean
-            pred_x0 = self.pred_x0(d, output, x_t, t)
-        return d.q_posterior_mean(pred_x0, x_t, t)
-
-    def __repr__(self) -> str:
-        return f"Respaced({self.base!r})"
-
-
-class _RespacedLearnedVariance(Variance):
-    """The raw learned log σ² (``learned``) seen from a respaced child.
-
-    The network's log σ² is the variance of a *one-step* transition at the original timestep, too
-    small for the child's longer jump. It is read as a position between that step's bounds,
-    frac = (log σ² − log β̃)/(log β − log β̃) with the parent's tables at ``timestep_map[t]``, and
-    mapped to the same position between the child's bounds (what ``learned_range`` does by
-    construction). Without respacing it is the plain log σ².
-    """
-
-    name = "learned"
-    learned = True
-
-    def __init__(self, parent: GaussianDiffusion, timestep_map: torch.Tensor) -> None:
-        self.parent = parent
-        self.timestep_map = timestep_map
-
-    def __call__(self, d, var_output, x_t, t):
-        original = self.timestep_map[t]
-        parent_min = self.parent.extract("posterior_log_variance_clipped", original, x_t)
-        parent_max = self.parent.extract("log_betas", original, x_t)
-        frac = (var_output - parent_min) / (parent_max - parent_min)
-        min_log = d.extract("posterior_log_variance_clipped", t, x_t)
-        max_log = d.extract("log_betas", t, x_t)
-        log_variance = frac * max_log + (1.0 - frac) * min_log
-        return torch.exp(log_variance), log_variance
-
-
 def _collapsed_strata_stderr(y: torch.Tensor) -> torch.Tensor:
     """√(Σ_G g/(g−1) Σ_{k∈G}(Yₖ − Ȳ_G)²) ``[B]`` over consecutive groups of 2 (last of 3 if odd).
 
@@ -167,11 +101,12 @@ class GaussianDiffusion(nn.Module):
                 f"with weighting={self.weighting.name}, or weighting=none."
             )
         tables = schedule_tables(torch.as_tensor(betas, dtype=torch.float64))
-        if tables["alphas_cumprod"][-1] == 0 and self.parameterization.name == "eps":
+        if tables["alphas_cumprod"][-1] == 0 and not self.parameterization.finite_at_zero_snr:
             raise ValueError(
-                "parameterization=eps with a zero-terminal-SNR schedule: x̂₀ = (x_t − √(1−ᾱ) ε̂)/√ᾱ "
-                "divides by √ᾱ_T = 0 at the last step. Use parameterization=v or "
-                "parameterization=x0, or schedule.zero_terminal_snr=false."
+                f"parameterization={self.parameterization.name} with a zero-terminal-SNR schedule: "
+                "its x̂₀ divides by √ᾱ_T = 0 at the last step (for ε: x̂₀ = (x_t − √(1−ᾱ) ε̂)/√ᾱ). "
+                "Use parameterization=v or parameterization=x0, or "
+                "schedule.zero_terminal_snr=false."
             )
         self.num_timesteps = int(tables["betas"].numel())
         self.betas_float64 = tables["betas"]  # kept on the host for respacing, never per step
@@ -546,13 +481,10 @@ class GaussianDiffusion(nn.Module):
             previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
             betas = 1.0 - alphas_cumprod / previous
             kept = kept.to(self.betas.device)
-            variance = self.variance
-            if variance.name == "learned":
-                variance = _RespacedLearnedVariance(self, kept)
             child = GaussianDiffusion(
                 betas,
-                _RespacedParameterization(self.parameterization, self, kept),
-                variance,
+                self.parameterization.respaced(self, kept),
+                self.variance.respaced(self, kept),
                 self.loss,
                 dtype=self.betas.dtype,
             ).to(self.betas.device)

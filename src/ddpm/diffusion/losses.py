@@ -9,12 +9,13 @@ configured objective is always the one that trains.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ddpm.diffusion.likelihood import mean_flat
 from ddpm.diffusion.parameterization import Parameterization
+from ddpm.diffusion.registry import register as _register
 from ddpm.diffusion.variance import Variance
 
 if TYPE_CHECKING:
@@ -23,10 +24,19 @@ if TYPE_CHECKING:
 __all__ = ["LOSSES", "HybridLoss", "Loss", "SimpleLoss", "VLBLoss", "make_loss"]
 
 
+#: Every loss by name; a subclass with a ``name`` registers itself.
+LOSSES: dict[str, type[Loss]] = {}
+
+
 class Loss:
     """Base class for objectives."""
 
     name: str = ""
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if register:
+            _register(LOSSES, "loss", cls)
 
     def validate(self, parameterization: Parameterization, variance: Variance) -> None:
         """Raise ``ValueError`` if this objective cannot train the given combination."""
@@ -118,9 +128,6 @@ class HybridLoss(Loss):
 
     def __repr__(self) -> str:
         return f"HybridLoss(vlb_weight={self.vlb_weight})"
-
-
-LOSSES: dict[str, type[Loss]] = {cls.name: cls for cls in (SimpleLoss, VLBLoss, HybridLoss)}
 
 
 def make_loss(name: str | Loss, **kwargs: float) -> Loss:

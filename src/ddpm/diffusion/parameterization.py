@@ -3,17 +3,21 @@
 A parameterisation turns the network's (first C channels of) output into the predicted x̂₀ and the
 reverse-process mean μ_θ, names the regression target of L_simple, and may precondition the
 network's input (:meth:`Parameterization.net_input`, used by
-:meth:`~ddpm.diffusion.GaussianDiffusion.model_output`). Adding one is one class plus an entry in
-:data:`PARAMETERIZATIONS`. The schedule ``d`` is passed in; classes hold only their constants.
+:meth:`~ddpm.diffusion.GaussianDiffusion.model_output`). Adding one is one subclass with a
+``name`` (it registers itself in :data:`PARAMETERIZATIONS`) plus a YAML in
+``conf/parameterization/``. The diffusion ``d`` is passed in as the holder of the schedule tables
+(``d.extract``); classes hold only their constants.
 
 Shapes: ``output``, ``x_t``, ``x0`` and ``noise`` are ``[B, C, ...]``; ``t`` is a LongTensor ``[B]``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from ddpm.diffusion.registry import register as _register
 
 if TYPE_CHECKING:
     from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion
@@ -24,18 +28,35 @@ __all__ = [
     "EpsParameterization",
     "MuParameterization",
     "Parameterization",
+    "RespacedParameterization",
     "VParameterization",
     "X0Parameterization",
     "make_parameterization",
 ]
 
 
+#: Every parameterisation by name; a subclass with a ``name`` registers itself.
+PARAMETERIZATIONS: dict[str, type[Parameterization]] = {}
+
+
 class Parameterization:
-    """Base class. Subclasses implement :meth:`pred_x0` and :meth:`target`."""
+    """Base class. Subclasses set ``name`` and implement :meth:`pred_x0` and :meth:`target`."""
 
     name: str = ""
     #: Whether clipping x̂₀ changes μ_θ (false when the network predicts μ_θ itself).
     mean_from_pred_x0: bool = True
+    #: Whether x̂₀ stays finite where ᾱ = 0 (a zero-terminal-SNR schedule's last step).
+    finite_at_zero_snr: bool = True
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if register:
+            _register(PARAMETERIZATIONS, "parameterization", cls)
+
+    def respaced(self, parent: GaussianDiffusion, timestep_map: torch.Tensor) -> Parameterization:
+        """This parameterisation as seen from a respaced child of ``parent``
+        (:meth:`~ddpm.diffusion.GaussianDiffusion.respaced`)."""
+        return RespacedParameterization(self, parent, timestep_map)
 
     def net_input(self, d: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network sees in place of x_t (EDM's c_in x); x_t itself by default."""
@@ -88,6 +109,7 @@ class EpsParameterization(Parameterization):
     """ε prediction: x̂₀ = (x_t − √(1−ᾱ) ε_θ)/√ᾱ; target ε."""
 
     name = "eps"
+    finite_at_zero_snr = False  # x̂₀ divides by √ᾱ
 
     def pred_x0(self, d, output, x_t, t):
         return (
@@ -219,16 +241,42 @@ class EDMParameterization(Parameterization):
         return f"EDMParameterization(sigma_data={self.sigma_data})"
 
 
-PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
-    cls.name: cls
-    for cls in (
-        EpsParameterization,
-        X0Parameterization,
-        MuParameterization,
-        VParameterization,
-        EDMParameterization,
-    )
-}
+class RespacedParameterization(Parameterization, register=False):
+    """A parent's parameterisation as seen from a respaced child (K of the T steps).
+
+    The network was trained on the parent's one-step transitions at the original timesteps, so its
+    output is read with the parent's tables at the original timestep (``timestep_map[t]``) to get
+    x̂₀, and the child's mean is the respaced posterior mean μ̃(x_t, x̂₀) over the longer jump.
+    For ε, x₀, v and EDM prediction this is what the plain parameterisation gives anyway (they
+    depend only on ᾱ, which respacing keeps); for μ̃ prediction it is the only consistent
+    reading, since the network's μ̃ is the mean of a *one-step* posterior. As without respacing,
+    clipping x̂₀ does not change the mean under μ̃ prediction.
+    """
+
+    def __init__(
+        self, base: Parameterization, parent: GaussianDiffusion, timestep_map: torch.Tensor
+    ) -> None:
+        self.base = base
+        self.parent = parent
+        self.timestep_map = timestep_map
+        self.name = base.name
+
+    def net_input(self, d, x_t, t):
+        return self.base.net_input(self.parent, x_t, self.timestep_map[t])
+
+    def pred_x0(self, d, output, x_t, t):
+        return self.base.pred_x0(self.parent, output, x_t, self.timestep_map[t])
+
+    def target(self, d, x0, x_t, t, noise):
+        return self.base.target(self.parent, x0, x_t, self.timestep_map[t], noise)
+
+    def mean(self, d, output, x_t, t, pred_x0):
+        if not self.base.mean_from_pred_x0:  # μ̃ prediction: the unclipped x̂₀ sets the mean
+            pred_x0 = self.pred_x0(d, output, x_t, t)
+        return d.q_posterior_mean(pred_x0, x_t, t)
+
+    def __repr__(self) -> str:
+        return f"Respaced({self.base!r})"
 
 
 def make_parameterization(name: str | Parameterization, **kwargs: float) -> Parameterization:

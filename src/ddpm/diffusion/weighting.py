@@ -17,15 +17,19 @@ formulas as written, with no normalisation:
   σ_d = 0.5.
 
 Each class computes its table ``[T]`` once, in float64, from the schedule; the diffusion stores it
-as a buffer, so a training step indexes it on the device without a host copy.
+as a buffer, so a training step indexes it on the device without a host copy. Adding one is one
+subclass with a ``name`` (it registers itself in :data:`WEIGHTINGS`) plus a YAML in
+``conf/weighting/``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from ddpm.diffusion.registry import register as _register
 
 if TYPE_CHECKING:
     from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion
@@ -55,10 +59,19 @@ def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return alphas_cumprod.log() - torch.log1p(-alphas_cumprod)
 
 
+#: Every weighting by name; a subclass with a ``name`` registers itself.
+WEIGHTINGS: dict[str, type[Weighting]] = {}
+
+
 class Weighting:
     """Base class: :meth:`table` gives w(t) on the ε-MSE for every t, float64 ``[T]``."""
 
     name: str = ""
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if register:
+            _register(WEIGHTINGS, "weighting", cls)
 
     def table(self, d: GaussianDiffusion) -> torch.Tensor:
         """w(t) ``[T]`` float64 on the host, from ``d``'s float64 βs (and, for ``elbo``, its
@@ -159,19 +172,6 @@ class EDMWeighting(Weighting):
         return 1.0 + 1.0 / (self.sigma_data**2 * snr(_alphas_cumprod(d)))
 
 
-WEIGHTINGS: dict[str, type[Weighting]] = {
-    cls.name: cls
-    for cls in (
-        NoWeighting,
-        ELBOWeighting,
-        MinSNRWeighting,
-        P2Weighting,
-        SigmoidWeighting,
-        EDMWeighting,
-    )
-}
-
-
 def make_weighting(name: str | Weighting, **kwargs: float) -> Weighting:
     """A weighting from its name (``none``, ``elbo``, ``min_snr``, ``p2``, ``sigmoid``, ``edm``)
     and parameters, or an instance (returned as it is)."""
@@ -189,11 +189,9 @@ def _fixed_log_variance(d: GaussianDiffusion) -> torch.Tensor:
     """log σₜ² ``[T]`` float64 of ``d``'s fixed variance, the one the bound's p_θ uses."""
     from ddpm.diffusion.schedule import schedule_tables
 
-    tables = schedule_tables(d.betas_float64)
-    if d.variance.name == "fixed_large":
-        return tables["fixed_large_log_variance"]
-    if d.variance.name == "fixed_small":
-        return tables["posterior_log_variance_clipped"]
+    log_variance = d.variance.fixed_log_variance(schedule_tables(d.betas_float64))
+    if log_variance is not None:
+        return log_variance
     raise ValueError(
         f"weighting=elbo needs a fixed variance, not variance={d.variance.name}; use "
         "variance=fixed_large or variance=fixed_small"
