@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,13 +34,22 @@ def conf_dir() -> Path:
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """``conf/train.yaml`` composed with ``overrides``, as ``src/train.py`` would compose it."""
+    """``conf/train.yaml`` composed with ``overrides``, as ``src/train.py`` would compose it.
+
+    Compositions are cached per (config directory, overrides) for the process; each call returns
+    its own copy, so callers may modify it.
+    """
+    return copy.deepcopy(_compose(str(conf_dir()), tuple(overrides)))
+
+
+@functools.lru_cache(maxsize=64)
+def _compose(directory: str, overrides: tuple[str, ...]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        with initialize_config_dir(directory, version_base="1.3"):
             return compose("train", overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()

@@ -261,7 +261,10 @@ class GaussianDiffusion(nn.Module):
 
         Returns:
             float64 host tensors ``[T]``: ``t`` (index), ``log_snr`` (λₜ), ``weight``,
-            ``density`` and ``effective`` (= weight · density).
+            ``density`` (of t), ``effective`` (= weight · density), ``log_snr_density`` (the
+            density of λ, density(t)/|dλ/dt| with central differences; 0 next to SNR = 0) and
+            ``effective_log_snr`` (= weight · log_snr_density: the objective's weight per unit
+            of λ, what Kingma & Gao plot to compare objectives).
 
         Raises:
             ValueError: ``loss=vlb`` with a learned variance (its weight depends on the learned
@@ -282,13 +285,21 @@ class GaussianDiffusion(nn.Module):
             timestep_sampler, "importance_weighted", True
         ):
             density = timestep_sampler.probabilities(torch.device("cpu")).double()
-        abar = torch.cumprod(1.0 - self.betas_float64, 0)
+        lam = log_snr(torch.cumprod(1.0 - self.betas_float64, 0))
+        # |dλ/dt| per step, central differences (one-sided at the ends; ∞ next to SNR = 0).
+        step = torch.cat([lam[:1] - lam[1:2], (lam[:-2] - lam[2:]) / 2, lam[-2:-1] - lam[-1:]])
+        log_snr_density = density / step
+        effective = weight * density
         return {
             "t": torch.arange(T),
-            "log_snr": log_snr(abar),
+            "log_snr": lam,
             "weight": weight,
             "density": density,
-            "effective": weight * density,
+            "effective": effective,
+            "log_snr_density": log_snr_density,
+            "effective_log_snr": torch.where(
+                log_snr_density > 0, weight * log_snr_density, torch.zeros_like(weight)
+            ),
         }
 
     def training_losses(

@@ -152,7 +152,7 @@ class EDMLogNormalSampler(TimestepSampler):
         self.register_buffer("p", edges[1:] - edges[:-1], persistent=False)
 
     def probabilities(self, device):
-        return self.p.to(device=device, dtype=torch.float32)
+        return self.p.to(device)
 
     def sample(self, batch_size, device, generator=None):
         p = self.probabilities(device)
