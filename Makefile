@@ -9,7 +9,7 @@ STAMP := $(VENV)/.stamp-install
 # The optional extras (W&B dashboard, Optuna search): only the tests and their own targets need them.
 STAMP_EXTRAS := $(VENV)/.stamp-extras
 
-.PHONY: help install quickstart test test-all lint format ablation ablation-cpu objectives-cpu ablation-samplers table bench sampler-table dashboard search clean
+.PHONY: help install quickstart test test-all lint format ablation ablation-cpu objectives objectives-cpu ablation-samplers table bench sampler-table dashboard search clean
 
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -88,6 +88,9 @@ ablation-cpu: install  ## Table 2 on the embedded digits, 2 CPU cores (~50 min p
 	echo $$(( $$(date +%s) - start )) > $$dir/wall_clock_s; \
 	echo "wall-clock: $$(cat $$dir/wall_clock_s) s"; \
 	$(PY) -m ddpm.ablation $$dir $(TABLE_ARGS); exit $$status
+
+objectives: install  ## the weighting rows + ε/L_simple at paper scale (GPU cluster): ABLATION_ARGS='hydra/launcher=submitit_slurm'
+	$(MAKE) ablation ABLATION_EXPERIMENTS=$(OBJECTIVE_EXPERIMENTS)$(comma)table2_eps_simple SCHEDULES=linear SEEDS=$(OBJECTIVE_SEEDS)
 
 objectives-cpu: install  ## the weighting rows + ε/L_simple on the digits, linear, OBJECTIVE_SEEDS=0,1,2 (2 CPU cores), then the table
 	@dir=$(or $(SWEEP),logs/objectives_cpu/multiruns/$(NOW)); mkdir -p $$dir; echo "sweep: $$dir (after a crash: make objectives-cpu SWEEP=$$dir)"; \

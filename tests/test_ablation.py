@@ -76,6 +76,9 @@ def test_weighting_experiments_set_their_objective(compose_cfg, experiment):
     diffusion = build_diffusion(cfg)
     assert diffusion.weighting.name == weighting
     assert (float(diffusion.alphas_cumprod[-1]) == 0.0) == (variant == "zero_terminal_snr")
+    paper = compose_cfg(f"experiment={experiment}", "+scale=paper", tiny=False)
+    assert paper.data._target_.endswith("CIFAR10DataModule") and paper.model.base_channels == 128
+    assert ablation.objective_variant(paper) == variant
 
 
 def test_the_rows_come_from_the_experiment_configs():

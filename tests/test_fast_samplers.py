@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ddpm.diffusion import GaussianDiffusion, make_betas
-from ddpm.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, timestep_spacing
+from ddpm.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, SamplerSpec, timestep_spacing
 
 MU, S, T = 0.3, 0.5, 1000
 N = 20_000  # SE(mean) = s/√N = 0.0035, SE(std) ≈ s/√(2N) = 0.0025
@@ -142,6 +142,7 @@ def test_second_order_solvers_beat_ddim_and_use_the_promised_evaluations() -> No
         )
         err[name] = (x - exact).abs().max().item()
         assert len(calls) == (2 * 20 - 1 if name == "heun" else 20)
+        assert len(calls) == SamplerSpec(name, 20).nfe(T)
     assert err["dpmpp_2m"] < err["ddim"] / 5 and err["heun"] < err["ddim"] / 2, err
 
 
@@ -384,6 +385,17 @@ def test_samplers_at_zero_terminal_snr(param: str, name: str, steps, bias: float
         generator=torch.Generator().manual_seed(4),
     )
     assert torch.isfinite(out).all()
+    if steps is not None:  # the promised evaluations (Heun: no corrector from σ = ∞)
+        calls = []
+        d.sample(
+            lambda x, t: calls.append(1) or _toy_net(param, zero_terminal_snr=True)(x, t),
+            (4, 1),
+            sampler=name,
+            steps=steps,
+            clip_denoised=False,
+            generator=torch.Generator().manual_seed(4),
+        )
+        assert len(calls) == SamplerSpec(name, steps).nfe(T, zero_terminal_snr=True)
     se_mean, se_std = S / math.sqrt(n), S / math.sqrt(2 * n)
     assert abs(out.mean().item() - MU) < 4 * se_mean
     assert abs(out.std().item() - S) < 4 * se_std + bias * S

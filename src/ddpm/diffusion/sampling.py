@@ -395,10 +395,13 @@ class SamplerSpec:
         """The spacing the sampler uses (the default when ``spacing`` is None)."""
         return self.spacing or DEFAULT_SPACING[self.name]
 
-    def nfe(self, num_timesteps: int) -> int:
-        """Network evaluations per sample: S, or 2S − 1 for Heun."""
+    def nfe(self, num_timesteps: int, zero_terminal_snr: bool = False) -> int:
+        """Network evaluations per sample: S, or for Heun 2S − 1 (2S − 2 at zero terminal SNR,
+        whose first step from σ = ∞ has no corrector)."""
         steps = int(num_timesteps) if self.steps is None else self.steps
-        return 2 * steps - 1 if self.name == "heun" else steps
+        if self.name == "heun":
+            return 2 * steps - (2 if zero_terminal_snr else 1)
+        return steps
 
     def tag(self, num_timesteps: int) -> str:
         """The protocol part of a metric name.
