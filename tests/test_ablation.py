@@ -230,9 +230,9 @@ def sweep(tmp_path: Path) -> Path:
 
 
 def _cells(table: ablation.Table) -> dict[tuple[str, str], dict[str, str]]:
-    headers = ablation._headers(table)
+    headers = ablation.headers(table)
     return {
-        (r.experiment or r.label, r.schedule): dict(zip(headers, ablation._display_row(r)))
+        (r.experiment or r.label, r.schedule): dict(zip(headers, ablation.display_row(r)))
         for r in table.rows
     }
 

@@ -1,0 +1,5 @@
+"""``python -m ddpm.ablation``."""
+
+from ddpm.ablation.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The rows of the table: one per experiment config with a ``table_row`` block."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from omegaconf import OmegaConf
+
+from ddpm.ablation.runs import ObjectiveKey, _select, objective_variant
+
+__all__ = ["PAPER_SCHEDULE", "Objective", "objectives"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective row: the experiment config, its groups, its label and the paper's numbers.
+
+    Paper numbers (CIFAR-10, linear schedule, T = 1000) are display strings: IS and FID from
+    Table 2 of Ho et al. (2020), the test-set NLL bound from their Table 1; None where the paper
+    has no number.
+    """
+
+    experiment: str
+    parameterization: str
+    variance: str
+    loss: str
+    label: str
+    paper_is: str | None = None
+    paper_fid: str | None = None
+    paper_nll: str | None = None
+    weighting: str = "none"
+    variant: str = ""
+
+    @property
+    def key(self) -> ObjectiveKey:
+        return (self.parameterization, self.variance, self.loss, self.weighting, self.variant)
+
+
+@functools.lru_cache(maxsize=1)
+def objectives() -> tuple[Objective, ...]:
+    """The table's rows, from every ``conf/experiment/*.yaml`` with a ``table_row`` block, in
+    their ``table_row.order``: each experiment is composed like ``src/train.py`` would, so the
+    key is what the experiment really trains."""
+    from ddpm.configs import compose_config, conf_dir
+
+    found = []
+    for file in sorted((conf_dir() / "experiment").glob("*.yaml")):
+        row = OmegaConf.load(file).get("table_row")
+        if row is None:
+            continue
+        cfg = compose_config([f"experiment={file.stem}"])
+        paper = row.get("paper") or {}
+        objective = Objective(
+            experiment=file.stem,
+            parameterization=str(cfg.parameterization.name),
+            variance=str(cfg.variance.name),
+            loss=str(cfg.loss.name),
+            label=str(row.label),
+            paper_is=paper.get("is"),
+            paper_fid=paper.get("fid"),
+            paper_nll=paper.get("nll"),
+            weighting=str(_select(cfg, "weighting.name") or "none"),
+            variant=objective_variant(cfg),
+        )
+        found.append((float(row.order), file.stem, objective))
+    return tuple(objective for _, _, objective in sorted(found))
+
+
+#: The schedule the paper's numbers were measured with.
+PAPER_SCHEDULE = "linear"

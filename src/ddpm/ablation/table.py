@@ -1,0 +1,332 @@
+"""Aggregation: runs grouped into (objective, schedule) rows, their cells, the "–" rule and the
+ranking under other samplers."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ddpm.ablation.rows import PAPER_SCHEDULE, Objective, objectives
+from ddpm.ablation.runs import ObjectiveKey, RunRecord, _finite, _select
+
+__all__ = [
+    "DIVERGED",
+    "MISSING",
+    "Cell",
+    "Table",
+    "TableRow",
+    "build_table",
+    "compute_baseline",
+    "protocol_num_samples",
+    "sampler_keys",
+    "sampler_ranking",
+]
+
+DIVERGED = "–"
+MISSING = "n/a"
+_SCHEDULE_ORDER = ("linear", "cosine")
+
+
+# ---------------------------------------------------------------------------- metric choice
+def _sample_quality_keys(runs: Iterable[RunRecord]) -> tuple[str | None, str | None]:
+    """The FID-like column (``fid_50k`` if any run has it, else the most common ``fid_*`` /
+    ``fd_digits_*`` key) and the matching IS key (``is_<same protocol>``), or None."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        for key, value in (run.metrics or {}).items():
+            if key.startswith(("fid_", "fd_digits_")) and _finite(value):
+                counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return None, None
+    if "fid_50k" in counts:
+        fd_key = "fid_50k"
+    else:
+        # Inception FID before the digits proxy, then the most runs, then the name.
+        fd_key = min(counts, key=lambda k: (not k.startswith("fid_"), -counts[k], k))
+    is_key = "is_" + fd_key.split("_", 1)[1] if fd_key.startswith("fid_") else None
+    return fd_key, is_key
+
+
+# ---------------------------------------------------------------------------- the table
+@dataclass
+class Cell:
+    """A metric over the runs of one row: display text and raw mean/std/count."""
+
+    text: str
+    mean: float | None = None
+    std: float | None = None
+    n: int = 0
+
+
+@dataclass
+class TableRow:
+    """One (objective, schedule) row of the table."""
+
+    experiment: str
+    label: str
+    parameterization: str
+    variance: str
+    loss: str
+    schedule: str
+    runs: list[RunRecord] = field(default_factory=list)
+    weighting: str = "none"
+    variant: str = ""
+    cells: dict[str, Cell] = field(default_factory=dict)
+    paper: dict[str, str] = field(default_factory=dict)
+    status: str = ""
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({r.seed for r in self.runs if r.seed is not None})
+
+
+def _format(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}"
+
+
+def _metric(run: RunRecord, key: str) -> Any:
+    """``key`` from the run's own metrics, else from its re-evaluations."""
+    value = (run.metrics or {}).get(key)
+    return run.evaluations.get(key) if value is None else value
+
+
+def _cell(runs: Sequence[RunRecord], key: str | None, digits: int) -> Cell:
+    """Mean ± sample std (n ≥ 2) of ``key`` over the stable runs; "–" / "n/a" otherwise."""
+    finished = [r for r in runs if r.metrics is not None]
+    stable = [r for r in finished if r.status == "ok"]
+    if finished and not stable:
+        return Cell(DIVERGED)
+    if key is None or not stable:
+        return Cell(MISSING)
+    values = [float(_metric(r, key)) for r in stable if _finite(_metric(r, key))]
+    if not values:
+        return Cell(MISSING)
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        text, std = _format(mean, digits), None
+    else:
+        std = statistics.stdev(values)
+        text = f"{_format(mean, digits)} ± {_format(std, digits)}"
+    if len(values) < len(stable):  # the metric is missing in some seeds: say how many it covers
+        text += f" (n={len(values)})"
+    return Cell(text, mean, std, len(values))
+
+
+def _status(runs: Sequence[RunRecord]) -> str:
+    problems = [r for r in runs if r.status != "ok"]
+    if not problems:
+        return "ok"
+    parts = []
+    for run in sorted(problems, key=lambda r: (r.seed is None, r.seed or 0, str(r.path))):
+        who = f"seed {run.seed}" if run.seed is not None else run.path.name
+        parts.append(f"{who}: {run.status}, {run.reason}" if run.reason else f"{who}: {run.status}")
+    ok = len(runs) - len(problems)
+    if ok:
+        parts.append(f"{ok} ok")
+    return "; ".join(parts)
+
+
+def _schedule_rank(schedule: str) -> tuple[int, str]:
+    order = _SCHEDULE_ORDER.index(schedule) if schedule in _SCHEDULE_ORDER else len(_SCHEDULE_ORDER)
+    return order, schedule
+
+
+@dataclass
+class Table:
+    """The assembled table: rows plus what the column headers and notes need."""
+
+    rows: list[TableRow]
+    fd_key: str | None
+    is_key: str | None
+    unclassified: list[RunRecord]
+    runs: list[RunRecord]
+    #: The data-Gaussian baseline of ``fd_key`` (None: not computed, the rule then ignores scores).
+    baseline: float | None = None
+    #: Why there is no baseline, when there is none.
+    baseline_note: str = ""
+
+
+def _worse_than_baseline(run: RunRecord, fd_key: str | None, baseline: float | None) -> RunRecord:
+    """``run``, marked unstable when its ``fd_key`` is worse than the data-Gaussian baseline."""
+    if run.status != "ok" or fd_key is None or baseline is None:
+        return run
+    value = (run.metrics or {}).get(fd_key)
+    if not _finite(value) or value <= baseline:
+        return run
+    reason = f"{fd_key} {value:.1f} worse than the data-Gaussian baseline {baseline:.1f}"
+    return dataclasses.replace(run, status="unstable", reason=reason)
+
+
+def build_table(
+    runs: Sequence[RunRecord],
+    fd_key: str | None = None,
+    baseline: float | None = None,
+    baseline_note: str = "",
+) -> Table:
+    """Group runs by (objective, schedule) and compute every cell.
+
+    Args:
+        runs: from :func:`classify_run`.
+        fd_key: the sample-quality metric (e.g. ``fid_50k``, ``fd_digits_400``); None chooses it
+            from the runs (``fid_50k`` if present, else the most common key).
+        baseline: the data-Gaussian baseline of ``fd_key`` (:func:`compute_baseline`); a run
+            scoring worse is unstable ("–"). None: only training and finiteness decide.
+        baseline_note: why ``baseline`` is None (quoted in the notes).
+    """
+    auto_fd, auto_is = _sample_quality_keys(runs)
+    if fd_key is None:
+        fd_key, is_key = auto_fd, auto_is
+    else:
+        is_key = "is_" + fd_key.split("_", 1)[1] if fd_key.startswith("fid_") else None
+    runs = [_worse_than_baseline(run, fd_key, baseline) for run in runs]
+    groups: dict[tuple[ObjectiveKey, str], list[RunRecord]] = {}
+    unclassified = []
+    for run in runs:
+        if run.objective_key is None or run.schedule is None:
+            unclassified.append(run)
+            continue
+        groups.setdefault((run.objective_key, run.schedule), []).append(run)
+
+    by_key = {objective.key: objective for objective in objectives()}
+    known = list(by_key)
+    extra = sorted({key for key, _ in groups if key not in by_key})
+
+    def order(item: tuple[ObjectiveKey, str]) -> tuple[int, tuple[int, str]]:
+        key, schedule = item
+        index = known.index(key) if key in by_key else len(known) + extra.index(key)
+        return index, _schedule_rank(schedule)
+
+    rows = []
+    for key, schedule in sorted(groups, key=order):
+        members = groups[(key, schedule)]
+        objective = by_key.get(key)
+        if objective is None:
+            p, v, loss, w, variant = key
+            label = f"{p} prediction, loss={loss}, variance={v}"
+            if w != "none":
+                label += f", weighting={w}"
+            if variant:
+                label += f", {variant}"
+            objective = Objective("", p, v, loss, label, weighting=w, variant=variant)
+        row = TableRow(
+            experiment=objective.experiment,
+            label=objective.label,
+            parameterization=key[0],
+            variance=key[1],
+            loss=key[2],
+            schedule=schedule,
+            runs=members,
+            weighting=key[3],
+            variant=key[4],
+        )
+        row.cells = {
+            "is": _cell(members, is_key, 2),
+            "fd": _cell(members, fd_key, 2),
+            "nll": _cell(members, "nll_bpd", 3),
+            "range": _out_of_range_cell(members),
+        }
+        if schedule == PAPER_SCHEDULE:
+            row.paper = {
+                "is": objective.paper_is or "",
+                "fd": objective.paper_fid or "",
+                "nll": objective.paper_nll or "",
+            }
+        else:
+            row.paper = {"is": "", "fd": "", "nll": ""}
+        row.status = _status(members)
+        rows.append(row)
+    return Table(rows, fd_key, is_key, unclassified, list(runs), baseline, baseline_note)
+
+
+def _out_of_range_cell(runs: Sequence[RunRecord]) -> Cell:
+    """Mean ± std of the share of sample pixels beyond ±(1 + 2/255), in percent, over every
+    finished run (stable or not: it describes the samples, it does not decide "–")."""
+    values = [
+        100.0 * float(r.metrics["samples_out_of_range_fraction"])
+        for r in runs
+        if r.metrics is not None and _finite(r.metrics.get("samples_out_of_range_fraction"))
+    ]
+    if not values:
+        return Cell(MISSING)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else None
+    text = f"{mean:.1f}%" if std is None else f"{mean:.1f} ± {std:.1f}%"
+    return Cell(text, mean, std, len(values))
+
+
+_COUNT_TAG = re.compile(r"^(?:fid|fd_digits)_(\d+)(k?)(?:_|$)")
+
+
+def protocol_num_samples(fd_key: str) -> int:
+    """N of a sample-quality key: ``fd_digits_400`` → 400, ``fid_10k_ddim100`` → 10000."""
+    match = _COUNT_TAG.match(fd_key)
+    if match is None:
+        raise ValueError(f"{fd_key!r} does not name its number of samples (e.g. fd_digits_400)")
+    return int(match.group(1)) * (1000 if match.group(2) else 1)
+
+
+def compute_baseline(
+    runs: Sequence[RunRecord], fd_key: str | None, seed: int = 0
+) -> tuple[float | None, str]:
+    """The data-Gaussian baseline of ``fd_key`` for the runs' data set, and a note.
+
+    The data set, feature network and N are those of the first run whose metrics hold
+    ``fd_key`` (N from the key's name). Returns ``(None, why)`` when it cannot be computed,
+    e.g. without the data or the Inception weights on this machine.
+    """
+    if fd_key is None:
+        return None, "no sample-quality metric in the runs"
+    run = next((r for r in runs if r.config is not None and fd_key in (r.metrics or {})), None)
+    if run is None:
+        return None, f"no run with {fd_key} has a saved config (.hydra/config.yaml)"
+    try:
+        from ddpm.builders import build_datamodule
+        from ddpm.metrics.baseline import data_gaussian_baseline
+
+        datamodule = build_datamodule(run.config)
+        value = data_gaussian_baseline(
+            datamodule,
+            protocol_num_samples(fd_key),
+            feature_extractor="inception" if fd_key.startswith("fid_") else "digits",
+            seed=seed,
+            inception_weights=_select(run.config, "metrics.inception_weights"),
+            cache_dir=_select(run.config, "paths.cache_dir"),
+            allow_download=False,
+        )
+    except Exception as err:  # no data or weights here: the table is still built
+        return None, f"could not compute it here ({type(err).__name__}: {err})"
+    return value, f"N = {protocol_num_samples(fd_key)} samples, seed {seed}"
+
+
+# ---------------------------------------------------------------------------- by sampler
+def sampler_keys(table: Table) -> list[str]:
+    """The Fréchet-distance keys to compare: the table's own first, then those of the runs'
+    re-evaluations (``evaluations/*/metrics.json``) by name. One key: nothing to compare."""
+    keys = {k for r in table.runs for k in r.evaluations if k.startswith(("fid_", "fd_digits_"))}
+    first = [table.fd_key] if table.fd_key else []
+    return first + sorted(keys - set(first))
+
+
+def sampler_ranking(table: Table) -> dict[str, dict[int, tuple[Cell, int | None]]]:
+    """``{fd key: {row index: (cell, rank among the rows of its schedule, 1 = best)}}``.
+
+    Rows with no number under a key (unstable: "–", or not evaluated) get no rank.
+    """
+    ranking: dict[str, dict[int, tuple[Cell, int | None]]] = {}
+    for key in sampler_keys(table):
+        cells = {i: _cell(row.runs, key, 2) for i, row in enumerate(table.rows)}
+        ranks: dict[int, int] = {}
+        for schedule in {row.schedule for row in table.rows}:
+            scored = [
+                (cells[i].mean, i)
+                for i, row in enumerate(table.rows)
+                if row.schedule == schedule and cells[i].mean is not None
+            ]
+            for rank, (_, i) in enumerate(sorted(scored), start=1):
+                ranks[i] = rank
+        ranking[key] = {i: (cells[i], ranks.get(i)) for i in cells}
+    return ranking
