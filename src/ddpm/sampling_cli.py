@@ -70,7 +70,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     png = save_grid_png(images[:256], Path(output_dir) / "samples.png", scale=int(cfg.grid_scale))
     npz = Path(output_dir) / "samples.npz"
     np.savez_compressed(npz, images=images.permute(0, 2, 3, 1).numpy())
-    nfe = spec.nfe(diffusion.num_timesteps, bool(diffusion.alphas_cumprod[-1] == 0))
+    # β_T = 1 exactly when ᾱ_T = 0 (zero terminal SNR).
+    nfe = spec.nfe(diffusion.num_timesteps, bool(diffusion.betas[-1] == 1))
     print(f"samples: {png}\narrays:  {npz} ({num_samples} images, uint8 NHWC)", flush=True)
     print(f"sampler: {spec.name}, {nfe} network evaluations per image", flush=True)
     return {"png": str(png), "npz": str(npz), "num_samples": num_samples, "nfe": nfe}
