@@ -212,25 +212,27 @@ class EDMParameterization(Parameterization):
             raise ValueError(f"sigma_data={sigma_data}: must be > 0 (EDM uses 0.5)")
         self.sigma_data = float(sigma_data)
 
-    def _abar_and_norm(self, d, t, like):
-        """ᾱₜ and Dₜ = 1 − ᾱₜ + σ_d² ᾱₜ, both ``[B, 1, …]``."""
+    def _norm(self, d, t, like):
+        """Dₜ = 1 − ᾱₜ + σ_d² ᾱₜ ``[B, 1, …]``."""
         abar = d.extract("alphas_cumprod", t, like)
-        return abar, 1.0 - abar + self.sigma_data**2 * abar
+        return 1.0 - abar + self.sigma_data**2 * abar
+
+    def _skip_out(self, d, t, like):
+        """(c_skip/√ᾱ, c_out) in x_t: σ_d² √ᾱ/Dₜ and σ_d √((1−ᾱ)/Dₜ), both ``[B, 1, …]``."""
+        abar = d.extract("alphas_cumprod", t, like)
+        norm = self._norm(d, t, like)
+        skip = self.sigma_data**2 * abar.sqrt() / norm
+        return skip, self.sigma_data * torch.sqrt((1.0 - abar) / norm)
 
     def net_input(self, d, x_t, t):
-        _, norm = self._abar_and_norm(d, t, x_t)
-        return x_t * norm.rsqrt()
+        return x_t * self._norm(d, t, x_t).rsqrt()
 
     def pred_x0(self, d, output, x_t, t):
-        abar, norm = self._abar_and_norm(d, t, x_t)
-        skip = self.sigma_data**2 * abar.sqrt() / norm
-        out = self.sigma_data * torch.sqrt((1.0 - abar) / norm)
+        skip, out = self._skip_out(d, t, x_t)
         return skip * x_t + out * output
 
     def target(self, d, x0, x_t, t, noise):
-        abar, norm = self._abar_and_norm(d, t, x_t)
-        skip = self.sigma_data**2 * abar.sqrt() / norm
-        out = self.sigma_data * torch.sqrt((1.0 - abar) / norm)
+        skip, out = self._skip_out(d, t, x_t)
         return (x0 - skip * x_t) / out
 
     def eps_weight(self, betas):
