@@ -31,16 +31,16 @@ from omegaconf import OmegaConf
 
 from ddpm.builders import build_datamodule, load_for_inference
 from ddpm.diffusion.sampling import SamplerSpec
+from ddpm.metrics.bound import nll_metric_name
 from ddpm.metrics.evaluate import (
+    SampleQuality,
     build_feature_extractor,
-    compute_sample_quality,
     evaluate_nll,
-    name_sample_quality,
-    nll_metric_name,
     resolve_extractor_kind,
+    run_sample_quality,
 )
 from ddpm.metrics.reference import dataset_name_of, reference_statistics
-from ddpm.training import git_commit, write_json_atomic
+from ddpm.tasks.common import git_commit, write_json_atomic
 
 #: (sampler, steps) of the table: the issue's settings, plus the cheaper neighbours that decide
 #: which is the cheapest setting within 10% of DDIM-100.
@@ -107,25 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for spec in specs:
         fds, seconds = [], []
+        quality = SampleQuality(
+            kind, extractor, reference, num_samples=args.num_samples, sampler=spec,
+            num_timesteps=T, compute_is=False,
+        )  # fmt: skip
+        name = quality.names["fd"]
         for seed in args.seeds:
             start = time.perf_counter()
-            raw = compute_sample_quality(
-                diffusion,
-                net,
-                extractor,
-                reference,
-                image_shape=tuple(image_shape),
-                num_samples=args.num_samples,
-                batch_size=args.batch_size,
-                seed=seed,
-                sampler=spec,
-                device=device,
-                compute_is=False,
-                progress=False,
-            )
+            result = run_sample_quality(
+                diffusion, net, quality, image_shape=tuple(image_shape),
+                batch_size=args.batch_size, seed=seed, sampler=spec, progress=False,
+            )  # fmt: skip
             seconds.append(time.perf_counter() - start)
-            fds.append(raw["fd"])
-        name = next(iter(name_sample_quality({"fd": 0.0}, kind, args.num_samples, spec, T)))
+            fds.append(result[name])
         row = {
             "setting": f"{spec.name}:{spec.steps or T}",
             "metric": name,

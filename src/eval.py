@@ -5,13 +5,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ddpm.cli import run_cli
-from ddpm.evaluation_cli import evaluate
+from ddpm.tasks.common import run_task
+from ddpm.tasks.evaluate import run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run_cli(evaluate, cfg)
+    run_task(run, cfg)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ddpm.cli import run_cli
-from ddpm.sampling_cli import sample
+from ddpm.tasks.common import run_task
+from ddpm.tasks.sample import run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    run_cli(sample, cfg)
+    run_task(run, cfg)
 
 
 if __name__ == "__main__":

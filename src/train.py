@@ -1,6 +1,6 @@
 """Train a diffusion model: ``python src/train.py parameterization=eps loss=simple``.
 
-Thin Hydra entry point; the work happens in :func:`ddpm.training.train`.
+Thin Hydra entry point; the work happens in :func:`ddpm.tasks.train.run`.
 """
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ddpm.cli import run_cli
-from ddpm.training import objective_value, train
+from ddpm.tasks.common import run_task
+from ddpm.tasks.train import objective_value, run
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Train; return ``metrics[cfg.optimized_metric]`` (by its exact name) for Hydra sweepers."""
-    return objective_value(run_cli(train, cfg))
+    return objective_value(run_task(run, cfg))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ class PixelFeatures:
     """The quantised pixels themselves, rescaled to [-1, 1], as features."""
 
     name, feature_layer, weights_sha256, has_logits = "pixels", "pixels", "", False
+    num_features, num_logits = 4, 0  # 2×2 single-channel images
     device = torch.device("cpu")
 
     def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -34,8 +34,8 @@ from ddpm.dashboard import (
     sample_quality_keys,
 )
 from ddpm.diffusion.sampling import SamplerSpec
-from ddpm.metrics.evaluate import name_sample_quality
-from ddpm.training import train
+from ddpm.metrics.evaluate import sample_quality_names
+from ddpm.tasks.train import run as train
 
 
 class RecordingRun:
@@ -64,7 +64,7 @@ class RecordingRun:
             self.history.setdefault(key, []).append(value)
 
     def finish(self) -> None:
-        """``train()`` ends every job's run (see ``ddpm.training._finish_wandb``)."""
+        """``train()`` ends every job's run (see ``ddpm.tasks.train._finish_wandb``)."""
         self.finished = True
 
 
@@ -160,8 +160,9 @@ def test_sample_quality_regexes_match_every_protocol_name_and_nothing_else():
         ("digits", 1000, SamplerSpec("heun", 9, spacing="logsnr")),  # fd_digits_1k_heun9_logsnr
         ("digits", 400, SamplerSpec()),  # fd_digits_400
     ]:
-        raw = {"fd": 1.0, "is_mean": 2.0, "is_std": 0.1} if kind == "inception" else {"fd": 1.0}
-        names.update(name_sample_quality(raw, kind, n, spec, 1000))
+        roles = ("fd", "is", "is_std") if kind == "inception" else ("fd",)
+        named = sample_quality_names(kind, n, spec, 1000)
+        names.update({named[role]: role for role in roles})
     assert {"fd_digits_1k_dpmpp20", "fd_digits_1k_heun9_logsnr", "fid_2k_ddim50_uniform"} <= set(
         names
     )

@@ -51,7 +51,7 @@ def _worker(rank: int, cfg, port: int, record_dir: str) -> None:
     torch.set_num_threads(1)
     from ddpm.diffusion import GaussianDiffusion
     from ddpm.diffusion.timesteps import LossSecondMomentSampler
-    from ddpm.training import train
+    from ddpm.tasks.train import run as train
 
     drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
     histories: list[torch.Tensor] = []

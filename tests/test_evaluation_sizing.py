@@ -13,8 +13,9 @@ from omegaconf import OmegaConf
 from conftest import TINY  # tests/ is on sys.path under pytest
 from ddpm.callbacks import NLLCallback, SampleQualityCallback
 from ddpm.errors import ConfigError
-from ddpm.evaluation_cli import _evaluation_sizes
-from ddpm.training import objective_value, train
+from ddpm.tasks.evaluate import _evaluation_sizes
+from ddpm.tasks.train import objective_value
+from ddpm.tasks.train import run as train
 
 
 def _end_of_training(cfg) -> tuple[list[SampleQualityCallback], list[NLLCallback]]:

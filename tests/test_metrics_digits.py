@@ -11,8 +11,7 @@ import torch
 from ddpm.data.digits import DigitsDataModule, load_digits_split
 from ddpm.metrics import (
     DigitsFeatureExtractor,
-    FeatureStats,
-    frechet_distance,
+    DigitsFrechetDistance,
     load_or_train_digits_classifier,
     reference_statistics,
 )
@@ -68,8 +67,9 @@ def test_fd_digits_separates_real_from_corrupted_digits(cache_dir: Path) -> None
     assert extractor(train[:5])["features"].shape == (5, 64)
 
     def fd(images: torch.Tensor) -> float:
-        mu, sigma = FeatureStats().update(extractor(images)["features"]).mean_cov()
-        return frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        fd = DigitsFrechetDistance((mu_ref, sigma_ref), extractor)
+        fd.update(images)
+        return float(fd.compute())
 
     same = fd(train)  # the reference set itself, unpadded: identical features after cropping
     held_out = fd(test)

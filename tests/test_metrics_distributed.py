@@ -1,4 +1,5 @@
-"""A real 2-process gloo run of the sharded evaluation, compared with a single process.
+"""A real 2-process run (Lightning Fabric's ``ddp_spawn`` on gloo) of the evaluation path,
+compared with a single process.
 
 N = 21 samples in batches of 4 gives 6 global batches: rank 0 draws batches 0, 2, 4 (12 images),
 rank 1 batches 1, 3, 5 (4 + 4 + 1 = 9 images), an uneven split with a short last batch. A tiny
@@ -8,29 +9,27 @@ stand-in feature network keeps it fast; the Inception graph itself is covered by
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from lightning.fabric import Fabric
 
 from conftest import TinyNet  # tests/ is on sys.path under pytest
 from ddpm.data.common import UInt8ImageDataset
 from ddpm.data.digits import load_digits_split
 from ddpm.diffusion import GaussianDiffusion, make_betas
 from ddpm.metrics import (
-    compute_sample_quality,
+    SampleQuality,
     evaluate_nll,
     generate_samples_sharded,
     mean_cov,
     reference_statistics,
+    run_sample_quality,
+    single_process,
 )
-from ddpm.metrics.distributed import gather_to_rank0
 
 N, BATCH, SEED, ROUND = 21, 4, 7, 3
 SHAPE = (1, 8, 8)
@@ -42,7 +41,9 @@ class TinyExtractor:
     name = "tiny"
     feature_layer = "tanh16"
     weights_sha256 = "0" * 64
+    num_features = 16
     has_logits = True
+    num_logits = 10
     device = torch.device("cpu")
 
     def __init__(self) -> None:
@@ -82,66 +83,46 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _run_all(out: Path, cache_dir: Path, rank: int) -> None:
+def _run_all(out: Path, cache_dir: Path, strategy: Any) -> None:
     net, diffusion, digits, reference = _setup()
+    strategy = single_process(strategy)  # None: Lightning's single-device strategy
+    rank, world = strategy.global_rank, strategy.world_size
     net.train()  # the pipeline must switch dropout off and restore the mode
-    indices, images = generate_samples_sharded(diffusion, net, SHAPE, N, BATCH, SEED, ROUND)
+    indices, images = generate_samples_sharded(
+        diffusion, net, SHAPE, N, BATCH, SEED, ROUND, rank=rank, world_size=world
+    )
     assert net.training
-    gathered = gather_to_rank0((indices, images))
-    quality = compute_sample_quality(
-        diffusion,
-        net,
-        TinyExtractor(),
-        reference if rank == 0 else None,
-        image_shape=SHAPE,
-        num_samples=N,
-        batch_size=BATCH,
-        seed=SEED,
-        round_idx=ROUND,
-        is_splits=3,
-        progress=False,
-    )
+    quality = SampleQuality(
+        "digits", TinyExtractor(), reference, num_samples=N, sampler=None,
+        num_timesteps=diffusion.num_timesteps, is_splits=3,
+    )  # fmt: skip
+    metrics = run_sample_quality(
+        diffusion, net, quality, image_shape=SHAPE, batch_size=BATCH, seed=SEED,
+        round_idx=ROUND, strategy=strategy, progress=False,
+    )  # fmt: skip
     ref_stats = reference_statistics(
-        digits, TinyExtractor(), dataset_name="toy", cache_dir=cache_dir, batch_size=BATCH
+        digits, TinyExtractor(), dataset_name="toy", cache_dir=cache_dir, batch_size=BATCH,
+        strategy=strategy,
+    )  # fmt: skip
+    nll = evaluate_nll(
+        diffusion, net, digits, num_images=N, seed=5, batch_size=BATCH, strategy=strategy
     )
-    nll = evaluate_nll(diffusion, net, digits, num_images=N, seed=5, batch_size=BATCH)
-    results = {
-        "gathered": gathered,
-        "quality": quality,
-        "ref": ref_stats,
-        "nll": nll,
-        "local": indices,
-    }
-    torch.save(_plain(results), out / f"rank{rank}.pt")
+    results = {"indices": indices, "images": images, "quality": metrics, "ref": ref_stats}
+    torch.save(_plain({**results, "nll": nll}), out / f"rank{rank}.pt")
 
 
-def _worker(rank: int, world_size: int, port: int, out: str, cache_dir: str) -> None:
+def _worker(fabric: Fabric, out: str, cache_dir: str) -> None:
     torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        _run_all(Path(out), Path(cache_dir), rank)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    _run_all(Path(out), Path(cache_dir), fabric.strategy)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     multi = tmp_path_factory.mktemp("multi")
     single = tmp_path_factory.mktemp("single")
-    mp.spawn(
-        _worker,
-        args=(2, _free_port(), str(multi), str(multi / "cache")),
-        nprocs=2,
-        join=True,
-    )
-    _run_all(single, single / "cache", rank=0)  # no process group: world size 1
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
+    fabric.launch(_worker, str(multi), str(multi / "cache"))
+    _run_all(single, single / "cache", strategy=None)  # this process alone: world size 1
     load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
     return {
         "r0": load(multi / "rank0.pt"),
@@ -150,35 +131,32 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
-def test_gathered_samples_are_exactly_n_distinct_and_world_size_independent(results) -> None:
-    gathered = results["r0"]["gathered"]
-    assert results["r1"]["gathered"] is None  # only rank 0 receives
-    assert [g[0].numel() for g in gathered] == [12, 9]  # uneven shares
-    indices = torch.cat([g[0] for g in gathered])
-    images = torch.cat([g[1] for g in gathered])
+def test_samples_are_exactly_n_distinct_and_world_size_independent(results) -> None:
+    parts = [results["r0"], results["r1"]]
+    assert [p["indices"].numel() for p in parts] == [12, 9]  # uneven shares
+    indices = torch.cat([p["indices"] for p in parts])
+    images = torch.cat([p["images"] for p in parts])
     assert indices.numel() == N and sorted(indices.tolist()) == list(range(N))
     assert torch.unique(images.flatten(1), dim=0).shape[0] == N  # no two ranks drew the same
-    single_indices, single_images = results["single"]["gathered"][0]
-    torch.testing.assert_close(images[indices.argsort()], single_images[single_indices.argsort()])
+    single = results["single"]
+    torch.testing.assert_close(
+        images[indices.argsort()], single["images"][single["indices"].argsort()]
+    )
 
 
 def test_metrics_equal_single_process_and_agree_across_ranks(results) -> None:
-    r0, r1, single = (
-        results["r0"]["quality"],
-        results["r1"]["quality"],
-        results["single"]["quality"],
-    )
-    assert r0 == r1  # broadcast: identical on every rank (checkpoint monitors agree)
-    assert r0["num_samples"] == N and set(r0) == set(single)
-    for key in ("fd", "is_mean", "is_std"):
-        assert r0[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
-    assert r0["fd"] > 0 and r0["is_mean"] > 1
+    r0, r1, single = (results[k]["quality"] for k in ("r0", "r1", "single"))
+    assert r0 == r1  # merged by torchmetrics: identical on every rank (checkpoint monitors agree)
+    assert set(r0) == set(single) == {"fd_digits_21", "is_21", "is_21_std"}
+    for key in single:
+        assert r0[key] == pytest.approx(single[key], rel=1e-9, abs=1e-12), key
+    assert r0["fd_digits_21"] > 0 and r0["is_21"] > 1
 
 
 def test_reference_statistics_sharded_equal_single_process(results) -> None:
-    assert results["r1"]["ref"] is None
-    for a, b in zip(results["r0"]["ref"], results["single"]["ref"]):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    for rank in ("r0", "r1"):  # every rank gets the merged statistics
+        for a, b in zip(results[rank]["ref"], results["single"]["ref"]):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_nll_sharded_equals_single_process(results) -> None:

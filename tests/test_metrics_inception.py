@@ -24,11 +24,11 @@ from ddpm.metrics import (
     INCEPTION_URL,
     INCEPTION_WEIGHTS_ENV,
     InceptionFeatureExtractor,
+    InceptionScore,
     InceptionWeightsUnavailable,
     evaluate_sample_quality,
     generate_samples_sharded,
     hub_cache_path,
-    inception_score,
     make_random_inception_weights,
     quantize_to_uint8,
     reference_statistics,
@@ -220,7 +220,9 @@ def test_features_and_inception_score_equal_torch_fidelity(
         save_cpu_ram=True,
         verbose=False,
     )
-    got_is = inception_score(logits, splits=2)
+    metric = InceptionScore(n, 1008, splits=2)
+    metric.update(indices=torch.arange(n), features={"logits": logits})
+    got_is = [float(v) for v in metric.compute()]
     assert got_is[0] == pytest.approx(expected_is["inception_score_mean"], rel=1e-6)
     assert got_is[1] == pytest.approx(expected_is["inception_score_std"], rel=1e-3, abs=1e-9)
     assert offline == []

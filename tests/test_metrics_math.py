@@ -1,4 +1,4 @@
-"""Pure maths of the evaluation: Fréchet distance, Inception Score, streaming moments, naming.
+"""Maths of the evaluation: Fréchet distance, the IS and FD torchmetrics metrics, naming.
 
 References are independent: closed forms for Gaussians, scipy's matrix square root, numpy's
 mean/cov, and torch-fidelity's own functions on the same features.
@@ -13,14 +13,25 @@ import torch
 
 from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.metrics import (
-    FeatureStats,
+    FeatureMoments,
+    FrechetDistance,
+    InceptionScore,
     frechet_distance,
-    inception_score,
     mean_cov,
     metric_prefix,
     quantize_to_uint8,
+    shard_batches,
 )
-from ddpm.metrics.distributed import shard_batches
+
+
+def inception_score(logits: torch.Tensor | np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """The :class:`InceptionScore` metric on ``logits`` rows in global index order."""
+    logits = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    metric = InceptionScore(logits.shape[0], logits.shape[1], splits=splits)
+    metric.update(indices=torch.arange(logits.shape[0]), features={"logits": logits})
+    mean, std = metric.compute()
+    return float(mean), float(std)
+
 
 RTOL = 1e-6  # float64 everywhere; the eigen-decomposition of a 2048² product is the weakest link
 
@@ -109,9 +120,10 @@ def test_fid_equals_torch_fidelity_on_same_features() -> None:
     expected = fid_statistics_to_metric(
         fid_features_to_statistics(f1), fid_features_to_statistics(f2), verbose=False
     )["frechet_inception_distance"]
-    mu1, s1 = FeatureStats().update(f1[:100]).update(f1[100:]).mean_cov()
-    mu2, s2 = mean_cov(f2)
-    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=RTOL)
+    fd = FrechetDistance(mean_cov(f2), expected_count=300)
+    fd.update(features=f1[:100])
+    fd.update(features={"features": f1[100:]})
+    assert float(fd.compute()) == pytest.approx(expected, rel=RTOL)
 
 
 # ---------------------------------------------------------------------------- Inception Score
@@ -122,17 +134,21 @@ def test_inception_score_of_uniform_logits_is_one() -> None:
 
 
 def test_inception_score_of_confident_balanced_classes_is_k() -> None:
-    # Each split holds every one of K classes equally, each predicted with certainty: IS = K.
+    # Every split holds each of K classes equally often, each predicted with certainty: IS = K.
+    # The split of sample n is fixed by its position in RandomState(2020).permutation(N).
     k, per_split, splits = 7, 14, 5
-    labels = np.tile(np.arange(k), per_split // k * splits)
-    logits = np.full((labels.size, k), -60.0)
-    logits[np.arange(labels.size), labels] = 60.0
-    mean, std = inception_score(logits, splits=splits, shuffle=False)
+    n = per_split * splits
+    position = np.empty(n, dtype=np.int64)
+    position[np.random.RandomState(2020).permutation(n)] = np.arange(n)
+    labels = position % k  # positions i·14 … i·14 + 13 form split i: two of each class
+    logits = np.full((n, k), -60.0)
+    logits[np.arange(n), labels] = 60.0
+    mean, std = inception_score(logits, splits=splits)
     assert mean == pytest.approx(k, rel=1e-9)
     assert std == pytest.approx(0.0, abs=1e-9)
 
 
-def test_inception_score_equals_torch_fidelity() -> None:
+def test_inception_score_equals_torch_fidelity_in_any_batching() -> None:
     from torch_fidelity.metric_isc import isc_features_to_metric
 
     logits = torch.randn(203, 50, generator=torch.Generator().manual_seed(5)) * 3.0
@@ -140,51 +156,80 @@ def test_inception_score_equals_torch_fidelity() -> None:
     mean, std = inception_score(logits, splits=10)
     assert mean == pytest.approx(expected["inception_score_mean"], rel=1e-12)
     assert std == pytest.approx(expected["inception_score_std"], rel=1e-9)
-    # ... and without shuffling the value changes (the permutation is really applied).
-    assert inception_score(logits, splits=10, shuffle=False)[0] != pytest.approx(mean, rel=1e-9)
+    # Batches out of order, in two metrics merged as DDP ranks would be: the same value.
+    parts = [InceptionScore(203, 50, splits=10) for _ in range(2)]
+    for b, start in enumerate(range(0, 203, 40)[::-1]):
+        idx = torch.arange(start, min(start + 40, 203))
+        parts[b % 2].update(indices=idx, features={"logits": logits[idx]})
+    parts[0].merge_state(parts[1])
+    merged_mean, merged_std = parts[0].compute()
+    assert float(merged_mean) == pytest.approx(expected["inception_score_mean"], rel=1e-12)
+    assert float(merged_std) == pytest.approx(expected["inception_score_std"], rel=1e-9)
+    # Rows assigned to other indices give another value: the permutation is really applied.
+    assert inception_score(logits.flip(0), splits=10)[0] != pytest.approx(mean, rel=1e-9)
 
 
 def test_inception_score_validates_input() -> None:
     with pytest.raises(ValueError, match="splits"):
-        inception_score(np.zeros((5, 3)), splits=10)
-    with pytest.raises(ValueError, match=r"\[N, K\]"):
-        inception_score(np.zeros(5))
+        InceptionScore(5, 3, splits=10)
+    metric = InceptionScore(4, 3, splits=2)
+    with pytest.raises(ValueError, match=r"logits must be \[2, 3\]"):
+        metric.update(indices=torch.arange(2), features={"logits": torch.zeros(2, 4)})
+    with pytest.raises(ValueError, match="indices"):
+        metric.update(indices=torch.tensor([3, 4]), features={"logits": torch.zeros(2, 3)})
+    metric.update(indices=torch.arange(3), features={"logits": torch.zeros(3, 3)})
+    with pytest.raises(RuntimeError, match="missing or duplicate"):
+        metric.compute()  # sample 3 never arrived
 
 
 # ---------------------------------------------------------------------------- streaming moments
-def test_feature_stats_streaming_equals_numpy() -> None:
+def test_feature_moments_streaming_equals_numpy() -> None:
     rng = np.random.default_rng(6)
     x = (rng.standard_normal((1000, 16)) @ rng.standard_normal((16, 16)) + 5.0).astype(np.float32)
-    stats = FeatureStats()
+    moments = FeatureMoments(16)
     for lo, hi in [(0, 1), (1, 1), (1, 300), (300, 777), (777, 1000)]:  # includes an empty batch
-        stats.update(torch.from_numpy(x[lo:hi]))
-    mu, sigma = stats.mean_cov()
+        moments.update(features=torch.from_numpy(x[lo:hi]))
+    mu, sigma = moments.compute()
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(mu, x64.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(x64, rowvar=False), rtol=1e-9, atol=1e-12)
-    assert stats.count == 1000 and mu.dtype == np.float64
+    assert int(moments.count) == 1000 and mu.dtype == np.float64
+    assert moments.feature_outer.dtype == torch.float64
 
 
-def test_feature_stats_merge_and_state_roundtrip() -> None:
+def test_feature_moments_merge_like_ranks() -> None:
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((90, 5))
-    parts = [FeatureStats().update(x[i::3]) for i in range(3)]
-    merged = FeatureStats.merged(FeatureStats.from_state_dict(p.state_dict()) for p in parts)
-    whole = FeatureStats().update(x)
-    assert merged.count == 90
-    for a, b in zip(merged.mean_cov(), whole.mean_cov()):
+    x = torch.from_numpy(rng.standard_normal((90, 5)))
+    parts = [FeatureMoments(5) for _ in range(3)]
+    for i, part in enumerate(parts):
+        part.update(features=x[i::3])
+    for part in parts[1:]:
+        parts[0].merge_state(part)
+    whole = FeatureMoments(5, expected_count=90)
+    whole.update(features=x)
+    assert int(parts[0].count) == 90
+    for a, b in zip(parts[0].compute(), whole.compute()):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-    assert FeatureStats.merged([FeatureStats(), parts[0]]).count == 30  # empty parts are fine
 
 
-def test_feature_stats_errors() -> None:
-    stats = FeatureStats(3)
-    with pytest.raises(ValueError, match="dimension"):
-        stats.update(np.zeros((2, 4)))
+def test_feature_moments_errors() -> None:
+    moments = FeatureMoments(3)
+    with pytest.raises(ValueError, match=r"\[N, 3\]"):
+        moments.update(features=torch.zeros(2, 4))
     with pytest.raises(ValueError, match="at least 2"):
-        FeatureStats().update(np.zeros((1, 3))).mean_cov()
+        one = FeatureMoments(3)
+        one.update(features=torch.zeros(1, 3))
+        one.compute()
     with pytest.raises(ValueError, match="NaN"):
-        stats.update(np.full((2, 3), np.nan))
+        moments.update(features=torch.full((2, 3), float("nan")))
+    with pytest.raises(ValueError, match="exactly one"):
+        moments.update()
+    with pytest.raises(ValueError, match="no extractor"):
+        moments.update(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    short = FeatureMoments(3, expected_count=5)
+    short.update(features=torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match="received 4 feature vectors, expected 5"):
+        short.compute()
 
 
 # ---------------------------------------------------------------------------- quantisation

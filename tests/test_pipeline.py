@@ -17,7 +17,7 @@ from ddpm.builders import (
     load_module_from_checkpoint,
 )
 from ddpm.errors import CheckpointError, ConfigError, OutputDirError
-from ddpm.training import train
+from ddpm.tasks.train import run as train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PARAMETERIZATIONS = ["eps", "x0", "mu", "v", "edm"]

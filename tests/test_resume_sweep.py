@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import ROOT, TINY  # tests/ is on sys.path under pytest
-from ddpm.training import train
+from ddpm.tasks.train import run as train
 
 
 def _snapshot(job: Path) -> dict[str, tuple[int, int]]:

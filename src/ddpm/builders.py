@@ -27,6 +27,8 @@ __all__ = [
     "build_net",
     "ensure_writable_dir",
     "load_checkpoint",
+    "load_for_inference",
+    "load_inference_module",
     "load_module_from_checkpoint",
 ]
 
@@ -139,6 +141,22 @@ def load_module_from_checkpoint(
             f"unexpected keys {unexpected[:10]}"
         )
     return module.to(map_location).eval(), cfg
+
+
+def load_inference_module(
+    ckpt_path: str | Path | None = None,
+    pretrained: str | Path | None = None,
+    pretrained_diffusion: DictConfig | None = None,
+) -> tuple[DiffusionLitModule, DictConfig | None]:
+    """The LightningModule to evaluate (on the CPU), and the run config (None for a released model).
+
+    A checkpoint gives its own module; a released model (see :func:`load_for_inference`) is
+    wrapped in a :class:`DiffusionLitModule` whose EMA network is a copy of its weights.
+    """
+    if ckpt_path and not pretrained:
+        return load_module_from_checkpoint(ckpt_path)
+    diffusion, net, image_shape, _ = load_for_inference(ckpt_path, pretrained, pretrained_diffusion)
+    return DiffusionLitModule(net=net, diffusion=diffusion, image_shape=image_shape).eval(), None
 
 
 def load_for_inference(

@@ -192,7 +192,7 @@ def group_keys(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
     """The W&B config keys runs are grouped by, e.g. ``["config.parameterization.name", ...]``.
 
     Training logs the resolved run config under the W&B config key ``config`` (see
-    :func:`ddpm.training.train`), so a group's choice is ``config.<group>.name``. Groups of
+    :func:`ddpm.tasks.train.run`), so a group's choice is ``config.<group>.name``. Groups of
     :data:`GROUP_ORDER` missing from ``cfg`` are skipped.
     """
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
@@ -216,7 +216,7 @@ def sample_quality_keys(cfg: DictConfig) -> dict[str, list[str]]:
     from hydra.utils import get_class, instantiate
 
     from ddpm.callbacks import SampleQualityCallback
-    from ddpm.metrics.evaluate import name_sample_quality
+    from ddpm.metrics.evaluate import sample_quality_names
 
     num_timesteps = int(cfg.schedule.num_timesteps)
     keys: dict[str, list[str]] = {"fd": [], "is": [], "fd_curve": [], "is_curve": []}
@@ -229,16 +229,10 @@ def sample_quality_keys(cfg: DictConfig) -> dict[str, list[str]]:
         if not callback.scheduled:
             continue
         kind = _extractor_kind(callback.feature_extractor, cfg)
-        # Placeholder values: only the names matter, and they come from the callback's own
-        # naming function, so a renamed metric renames the panel too.
-        raw = {"fd": 0.0}
-        if callback.compute_is and _has_logits(kind):
-            raw.update(is_mean=0.0, is_std=0.0)
-        names = name_sample_quality(
-            raw, kind, callback.num_samples, callback.sampler, num_timesteps
-        )
-        fd_name, *is_names = names  # the Fréchet distance comes first, then IS and its std
-        is_names = [n for n in is_names if not n.endswith("_std")]
+        # The callback's own naming function, so a renamed metric renames the panel too.
+        names = sample_quality_names(kind, callback.num_samples, callback.sampler, num_timesteps)
+        fd_name = names["fd"]
+        is_names = [names["is"]] if callback.compute_is and _has_logits(kind) else []
         for suffix in ("_curve", "") if callback.run_on_train_end else ("_curve",):
             keys[f"fd{suffix}"].append(fd_name)
             keys[f"is{suffix}"].extend(is_names)

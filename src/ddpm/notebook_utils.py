@@ -13,7 +13,7 @@ Environment variables (all optional):
 
 The quickstart checkpoint is ``<workdir>/logs/train/runs/quickstart/<time>/checkpoints/last.ckpt``
 (``quickstart_tiny`` in tiny mode). If none exists, :func:`get_or_train_quickstart` trains one with
-``experiment=quickstart logger=csv`` through :func:`ddpm.training.train`, offline.
+``experiment=quickstart logger=csv`` through :func:`ddpm.tasks.train.run`, offline.
 """
 
 from __future__ import annotations
@@ -163,11 +163,11 @@ def compose_train_config(
 
 
 def train_run(cfg: DictConfig) -> dict[str, Any]:
-    """Run :func:`ddpm.training.train` and save the config as Hydra would (``.hydra/config.yaml``).
+    """Run :func:`ddpm.tasks.train.run` and save the config as Hydra would (``.hydra/config.yaml``).
 
     Returns the metrics dict (also in ``<output_dir>/metrics.json``).
     """
-    from ddpm.training import train
+    from ddpm.tasks.train import run as train
 
     output_dir = Path(cfg.paths.output_dir)
     (output_dir / ".hydra").mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ddpm.callbacks._evaluation import publish_metrics, unwrap_diffusion, unwrap_ema_net
-from ddpm.metrics.evaluate import NLL_ESTIMATORS, evaluate_nll, nll_metric_name
+from ddpm.metrics.bound import NLL_ESTIMATORS, BitsPerDim
+from ddpm.metrics.evaluate import run_nll
 
 __all__ = ["NLLCallback"]
 
@@ -22,9 +23,11 @@ _SPLITS = ("val", "test")
 class NLLCallback(pl.Callback):
     """The bound (prior + T terms, discretised decoder) on a subset of the val/test split.
 
-    The first ``num_images`` images of the split are sharded across ranks (disjoint batches,
-    gathered to rank 0; the result does not depend on the world size). Logged metrics (identical
-    on every rank in ``trainer.callback_metrics``; :func:`~ddpm.metrics.evaluate.evaluate_nll`):
+    Runs every ``every_n_steps`` steps, at the end of training and at the end of ``trainer.test``
+    (``src/eval.py``). The first ``num_images`` images of the split are sharded across ranks
+    (disjoint batches merged by a :class:`~ddpm.metrics.bound.BitsPerDim` torchmetrics metric; the
+    result does not depend on the world size). Logged metrics (identical on every rank in
+    ``trainer.callback_metrics``):
     ``nll_bpd`` (total), ``nll_bpd_stderr``, ``nll_prior_bpd`` (L_T), ``nll_decoder_bpd`` (L₀)
     and ``nll_num_images``. With ``estimator="stratified"`` the total is the unbiased estimate
     from ``num_terms`` = K terms per image, named ``nll_bpd_k{K}`` (with ``_stderr`` and
@@ -41,6 +44,7 @@ class NLLCallback(pl.Callback):
         split: ``"test"`` or ``"val"`` (the datamodule's ``test_set`` / ``val_set``).
         every_n_steps: evaluate when ``global_step % every_n_steps == 0``; 0/None: never.
         on_train_end: also evaluate at the end of training.
+        on_test: evaluate at the end of ``trainer.test``.
         seed: seeds the noise of each batch (with the image index).
         save_terms: write the per-timestep terms as ``.npy`` in the run directory.
         progress: tqdm bar on rank 0.
@@ -55,6 +59,7 @@ class NLLCallback(pl.Callback):
         split: str = "test",
         every_n_steps: int | None = None,
         on_train_end: bool = True,
+        on_test: bool = True,
         seed: int = 0,
         save_terms: bool = True,
         progress: bool = True,
@@ -78,6 +83,7 @@ class NLLCallback(pl.Callback):
         self.split = split
         self.every_n_steps = int(every_n_steps or 0)
         self.run_on_train_end = bool(on_train_end)
+        self.run_on_test = bool(on_test)
         self.seed = int(seed)
         self.save_terms = bool(save_terms)
         self.progress = bool(progress)
@@ -94,6 +100,10 @@ class NLLCallback(pl.Callback):
         if self.run_on_train_end:
             self.evaluate(trainer, pl_module)
 
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.run_on_test:
+            self.evaluate(trainer, pl_module)
+
     def _dataset(self, trainer: pl.Trainer) -> Dataset:
         datamodule = trainer.datamodule
         if datamodule is None:
@@ -107,30 +117,35 @@ class NLLCallback(pl.Callback):
         return dataset
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
-        """Run one evaluation now (collective) and publish it; returns :func:`evaluate_nll`'s dict."""
+        """Run one evaluation now (collective) and publish it.
+
+        Returns:
+            :meth:`~ddpm.metrics.bound.BitsPerDim.compute` (``terms_bpd`` included), or ``{}``
+            when this step was evaluated already.
+        """
         step = trainer.global_step
         if self._last_step == step:
             return {}
         self._last_step = step
         diffusion = unwrap_diffusion(pl_module)
-        result = evaluate_nll(
+        metric = BitsPerDim(diffusion.num_timesteps, self.estimator, self.num_terms)
+        result = run_nll(
             diffusion,
             unwrap_ema_net(pl_module),
             self._dataset(trainer),
+            metric,
             num_images=self.num_images,
-            seed=self.seed,
-            device=diffusion.betas.device,
             batch_size=self.batch_size,
+            seed=self.seed,
+            strategy=trainer.strategy,
             progress=self.progress,
-            estimator=self.estimator,
-            num_terms=self.num_terms,
         )
         terms = result.pop("terms_bpd", None)
         publish_metrics(trainer, {k: float(v) for k, v in result.items()})
         if trainer.is_global_zero:
             if terms is not None:
                 self._write_terms(trainer, terms, step)
-            name = nll_metric_name(self.estimator, self.num_terms, diffusion.num_timesteps)
+            name = metric.name
             log.info(
                 "step %d: %s=%.4f ± %.4f on %d images",
                 step,

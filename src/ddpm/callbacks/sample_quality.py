@@ -12,10 +12,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ddpm.callbacks._evaluation import publish_metrics, unwrap_diffusion, unwrap_ema_net
 from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.metrics.evaluate import (
+    SampleQuality,
     build_feature_extractor,
-    compute_sample_quality,
-    name_sample_quality,
     resolve_extractor_kind,
+    run_sample_quality,
 )
 from ddpm.metrics.features import FeatureExtractor
 from ddpm.metrics.inception import InceptionWeightsUnavailable
@@ -29,11 +29,13 @@ log = logging.getLogger(__name__)
 class SampleQualityCallback(pl.Callback):
     """Sample quality of the EMA network: FID/IS with Inception, or ``fd_digits`` on digits.
 
-    Runs every ``every_n_steps`` optimiser steps and/or at the end of training. Each run draws
-    exactly ``num_samples`` images split across the ranks (no overlap, independent of the world
-    size; the evaluation round is the global step), streams features, computes the metrics once on
-    rank 0 and broadcasts them; every rank then sees the same value in
-    ``trainer.callback_metrics`` (monitor-safe) and rank 0 sends it to the loggers.
+    Runs every ``every_n_steps`` optimiser steps and/or at the end of training, and at the end of
+    ``trainer.test`` (how ``src/eval.py`` evaluates). Each run draws exactly ``num_samples``
+    images split across the ranks (no overlap, independent of the world size; the evaluation
+    round is the global step) into one :class:`~ddpm.metrics.evaluate.SampleQuality` (torchmetrics
+    metrics with float64 sum states), whose ``compute()`` merges the ranks; every rank then sees
+    the same value in ``trainer.callback_metrics`` (monitor-safe) and rank 0 sends it to the
+    loggers.
 
     Metric names state the protocol (:func:`~ddpm.metrics.evaluate.metric_prefix`):
     ``fid_50k`` / ``is_50k`` / ``is_50k_std`` for the full sampler, ``fid_10k_ddim100`` for DDIM
@@ -49,6 +51,7 @@ class SampleQualityCallback(pl.Callback):
         on_train_end: also evaluate at the end of training (skipped if the last periodic
             evaluation was at the final step). A periodic callback leaves the final step of a
             ``max_steps`` run to another callback that evaluates at the end of training.
+        on_test: evaluate at the end of ``trainer.test``.
         sampler: ``ancestral``, ``ddim``, ``dpmpp_2m`` or ``heun``
             (:class:`~ddpm.diffusion.sampling.SamplerSpec`).
         steps: timesteps the sampler visits; None = all T (the headline numbers use the full
@@ -69,6 +72,8 @@ class SampleQualityCallback(pl.Callback):
         reference_batch_size: images per batch when computing the reference statistics.
         clip_denoised: clip x̂₀ while sampling, as the official sampler does.
         progress: tqdm bars on rank 0.
+        save_dir: also write the evaluated uint8 images, one ``samples_rank{r}.npz`` per rank
+            (:func:`~ddpm.metrics.evaluate.run_sample_quality`); None: keep none.
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class SampleQualityCallback(pl.Callback):
         batch_size: int = 250,
         every_n_steps: int | None = None,
         on_train_end: bool = True,
+        on_test: bool = True,
         sampler: str = "ancestral",
         steps: int | None = None,
         eta: float | None = None,
@@ -92,6 +98,7 @@ class SampleQualityCallback(pl.Callback):
         reference_batch_size: int = 100,
         clip_denoised: bool = True,
         progress: bool = True,
+        save_dir: str | None = None,
     ) -> None:
         if int(num_samples) < 2:
             raise ValueError(f"num_samples must be >= 2 (a covariance needs 2), got {num_samples}")
@@ -101,6 +108,7 @@ class SampleQualityCallback(pl.Callback):
         self.batch_size = int(batch_size)
         self.every_n_steps = int(every_n_steps or 0)
         self.run_on_train_end = bool(on_train_end)
+        self.run_on_test = bool(on_test)
         self.sampler = SamplerSpec(sampler, steps, eta, spacing)
         self.seed = int(seed)
         self.feature_extractor = feature_extractor
@@ -113,12 +121,13 @@ class SampleQualityCallback(pl.Callback):
         self.reference_batch_size = int(reference_batch_size)
         self.clip_denoised = bool(clip_denoised)
         self.progress = bool(progress)
+        self.save_dir = save_dir or None
 
         self.disabled = False
         self.kind: str | None = None
         self.extractor: FeatureExtractor | None = None
         self._reference: tuple[np.ndarray, np.ndarray] | None = None
-        self._reference_ready = False
+        self.quality: SampleQuality | None = None
         self._last_step: int | None = None
         self.last_metrics: dict[str, float] = {}
 
@@ -153,6 +162,7 @@ class SampleQualityCallback(pl.Callback):
                 cache_dir=self.cache_dir,
                 device=trainer.strategy.root_device,
                 allow_download=self.allow_download,
+                strategy=trainer.strategy,
             )
         except InceptionWeightsUnavailable as exc:
             self.disabled = True
@@ -185,21 +195,38 @@ class SampleQualityCallback(pl.Callback):
         if self.run_on_train_end:
             self.evaluate(trainer, pl_module)
 
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.run_on_test:
+            self.evaluate(trainer, pl_module)
+
     # ------------------------------------------------------------------ evaluation
-    def _reference_stats(self, trainer: pl.Trainer) -> tuple[np.ndarray, np.ndarray] | None:
-        if not self._reference_ready:
+    def _metrics(self, trainer: pl.Trainer, num_timesteps: int) -> SampleQuality:
+        """The metrics, built once per setup (the reference statistics come from their cache)."""
+        if self.quality is None:
             datamodule = trainer.datamodule
-            assert self.extractor is not None
-            self._reference = reference_statistics(
-                datamodule.reference_dataset(),
+            assert self.extractor is not None and self.kind is not None
+            if self._reference is None:
+                self._reference = reference_statistics(
+                    datamodule.reference_dataset(),
+                    self.extractor,
+                    dataset_name=dataset_name_of(datamodule),
+                    cache_dir=self.cache_dir,
+                    batch_size=self.reference_batch_size,
+                    progress=self.progress,
+                    strategy=trainer.strategy,
+                )
+            self.quality = SampleQuality(
+                self.kind,
                 self.extractor,
-                dataset_name=dataset_name_of(datamodule),
-                cache_dir=self.cache_dir,
-                batch_size=self.reference_batch_size,
-                progress=self.progress,
+                self._reference,
+                num_samples=self.num_samples,
+                sampler=self.sampler,
+                num_timesteps=num_timesteps,
+                compute_is=self.compute_is,
+                is_splits=self.is_splits,
+                feature_batch_size=self.feature_batch_size,
             )
-            self._reference_ready = True
-        return self._reference
+        return self.quality
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Run one evaluation now (collective: every rank must call it) and publish the metrics.
@@ -217,27 +244,19 @@ class SampleQualityCallback(pl.Callback):
         assert self.extractor is not None and self.kind is not None
         self._last_step = step
         diffusion = unwrap_diffusion(pl_module)
-        reference = self._reference_stats(trainer)
-        raw = compute_sample_quality(
+        metrics = run_sample_quality(
             diffusion,
             unwrap_ema_net(pl_module),
-            self.extractor,
-            reference,
+            self._metrics(trainer, diffusion.num_timesteps),
             image_shape=tuple(pl_module.image_shape),
-            num_samples=self.num_samples,
             batch_size=self.batch_size,
             seed=self.seed,
             round_idx=step,
             sampler=self.sampler,
-            device=diffusion.betas.device,
-            compute_is=self.compute_is,
-            is_splits=self.is_splits,
-            feature_batch_size=self.feature_batch_size,
+            strategy=trainer.strategy,
             clip_denoised=self.clip_denoised,
             progress=self.progress,
-        )
-        metrics = name_sample_quality(
-            raw, self.kind, self.num_samples, self.sampler, diffusion.num_timesteps
+            save_dir=self.save_dir,
         )
         publish_metrics(trainer, metrics)
         if trainer.is_global_zero:
@@ -248,5 +267,6 @@ class SampleQualityCallback(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Free the feature network's device memory; it is rebuilt on the next setup.
         self.extractor = None
+        self.quality = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -2,24 +2,28 @@
 
 See ``docs/evaluation.md`` for the protocol. Public entry points:
 
-- maths: :class:`FeatureStats`, :func:`frechet_distance`, :func:`inception_score`;
+- torchmetrics metrics (float64 sum states, merged across DDP ranks by torchmetrics):
+  :class:`FrechetInceptionDistance`, :class:`DigitsFrechetDistance`, :class:`InceptionScore`,
+  :class:`FeatureMoments`, :class:`BitsPerDim`; the formula :func:`frechet_distance`;
 - feature networks: :class:`InceptionFeatureExtractor` (torch-fidelity's ``inception-v3-compat``
   loaded from a file), :class:`DigitsFeatureExtractor` (the ``fd_digits`` proxy);
-- pipelines (collective under ``torch.distributed``, fine without it):
-  :func:`generate_samples_sharded`, :func:`reference_statistics`,
-  :func:`evaluate_sample_quality`, :func:`evaluate_nll`.
+- the evaluation path (collective under a Lightning strategy, fine without one):
+  :class:`SampleQuality`, :func:`run_sample_quality`, :func:`evaluate_sample_quality`,
+  :func:`reference_statistics`, :func:`run_nll`, :func:`evaluate_nll`.
 """
 
+from ddpm.metrics.bound import NLL_ESTIMATORS, BitsPerDim, nll_metric_name
+from ddpm.metrics.collective import Collective, single_process
 from ddpm.metrics.digits_classifier import DigitsFeatureExtractor, load_or_train_digits_classifier
 from ddpm.metrics.evaluate import (
+    SampleQuality,
     build_feature_extractor,
-    compute_nll,
-    compute_sample_quality,
     evaluate_nll,
     evaluate_sample_quality,
     metric_prefix,
-    name_sample_quality,
     resolve_extractor_kind,
+    run_nll,
+    run_sample_quality,
 )
 from ddpm.metrics.features import (
     FeatureExtractor,
@@ -28,7 +32,7 @@ from ddpm.metrics.features import (
     quantize_to_uint8,
     sha256_file,
 )
-from ddpm.metrics.fid import FeatureStats, frechet_distance, mean_cov
+from ddpm.metrics.fid import frechet_distance, mean_cov
 from ddpm.metrics.inception import (
     INCEPTION_URL,
     INCEPTION_WEIGHTS_ENV,
@@ -38,22 +42,39 @@ from ddpm.metrics.inception import (
     make_random_inception_weights,
     resolve_inception_weights,
 )
-from ddpm.metrics.inception_score import inception_score
+from ddpm.metrics.quality import (
+    DigitsFrechetDistance,
+    FeatureMoments,
+    FrechetDistance,
+    FrechetInceptionDistance,
+    InceptionScore,
+)
 from ddpm.metrics.reference import dataset_name_of, extract_dataset_stats, reference_statistics
-from ddpm.metrics.sampling import batch_seed, generate_samples_sharded, iter_sample_batches
+from ddpm.metrics.sampling import (
+    batch_seed,
+    generate_samples_sharded,
+    iter_sample_batches,
+    shard_batches,
+)
 
 __all__ = [
     "INCEPTION_URL",
     "INCEPTION_WEIGHTS_ENV",
+    "NLL_ESTIMATORS",
+    "BitsPerDim",
+    "Collective",
     "DigitsFeatureExtractor",
+    "DigitsFrechetDistance",
     "FeatureExtractor",
-    "FeatureStats",
+    "FeatureMoments",
+    "FrechetDistance",
+    "FrechetInceptionDistance",
     "InceptionFeatureExtractor",
+    "InceptionScore",
     "InceptionWeightsUnavailable",
+    "SampleQuality",
     "batch_seed",
     "build_feature_extractor",
-    "compute_nll",
-    "compute_sample_quality",
     "dataset_name_of",
     "default_cache_dir",
     "evaluate_nll",
@@ -63,16 +84,19 @@ __all__ = [
     "frechet_distance",
     "generate_samples_sharded",
     "hub_cache_path",
-    "inception_score",
     "iter_sample_batches",
     "load_or_train_digits_classifier",
     "make_random_inception_weights",
     "mean_cov",
     "metric_prefix",
-    "name_sample_quality",
+    "nll_metric_name",
     "quantize_to_uint8",
     "reference_statistics",
     "resolve_extractor_kind",
     "resolve_inception_weights",
+    "run_nll",
+    "run_sample_quality",
     "sha256_file",
+    "shard_batches",
+    "single_process",
 ]

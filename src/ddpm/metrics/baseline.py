@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ddpm.metrics.features import FeatureExtractor, quantize_to_uint8
-from ddpm.metrics.fid import FeatureStats, frechet_distance
+from ddpm.metrics.quality import FeatureMoments, FrechetDistance
 
 __all__ = ["data_gaussian_baseline", "data_gaussian_fd", "data_gaussian_images", "pixel_moments"]
 
@@ -32,11 +32,14 @@ def pixel_moments(dataset: Dataset, batch_size: int = 500) -> tuple[np.ndarray, 
 
     Items are float ``[C, H, W]`` in [-1, 1] (tuples contribute their first element).
     """
-    stats = FeatureStats()
+    moments: FeatureMoments | None = None
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        stats.update(images.flatten(1).double())
-    return stats.mean_cov()
+        pixels = (batch[0] if isinstance(batch, (list, tuple)) else batch).flatten(1)
+        moments = moments or FeatureMoments(pixels.shape[1])
+        moments.update(features=pixels)
+    if moments is None:
+        raise ValueError("pixel_moments of an empty dataset")
+    return moments.compute()
 
 
 def data_gaussian_images(
@@ -82,11 +85,10 @@ def data_gaussian_fd(
     first = dataset[0]
     image_shape = tuple((first[0] if isinstance(first, (list, tuple)) else first).shape)
     mu, cov = pixel_moments(dataset, batch_size)
-    stats = FeatureStats()
+    fd = FrechetDistance(reference, extractor, batch_size, expected_count=num_samples)
     for images in data_gaussian_images(mu, cov, image_shape, num_samples, seed, batch_size):
-        stats.update(extractor(quantize_to_uint8(images))["features"])
-    mean, sigma = stats.mean_cov()
-    return float(frechet_distance(mean, sigma, reference[0], reference[1]))
+        fd.update(quantize_to_uint8(images))
+    return float(fd.compute())
 
 
 def data_gaussian_baseline(
@@ -122,5 +124,4 @@ def data_gaussian_baseline(
         cache_dir=cache_dir,
         progress=progress,
     )
-    assert reference is not None  # a single process is rank 0
     return data_gaussian_fd(dataset, extractor, reference, num_samples, seed)

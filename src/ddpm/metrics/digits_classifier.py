@@ -189,7 +189,9 @@ class DigitsFeatureExtractor:
 
     name = "digits-cnn"
     feature_layer = "penultimate64"
+    num_features = DigitsClassifier.feature_dim
     has_logits = False
+    num_logits = 0
 
     def __init__(
         self,

@@ -90,14 +90,18 @@ class FeatureExtractor(Protocol):
         name: identifies the network family (e.g. ``"inception-v3-compat"``), used in cache keys.
         feature_layer: name of the layer behind ``"features"`` (e.g. ``"2048"``).
         weights_sha256: sha256 of the weights, so cached statistics are tied to them.
+        num_features: D, the width of ``"features"``.
         has_logits: whether calls also return ``"logits"`` (enables the Inception Score).
+        num_logits: K, the width of ``"logits"`` (0 without them).
         device: where the network runs; inputs are moved there.
     """
 
     name: str
     feature_layer: str
     weights_sha256: str
+    num_features: int
     has_logits: bool
+    num_logits: int
     device: torch.device
 
     def __call__(self, images_u8: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Fréchet distance between Gaussians fitted to features, and a streaming float64 accumulator.
+"""Fréchet distance between Gaussians fitted to features.
 
 The formula is the one torch-fidelity 0.4.0 uses for FID (so our numbers equal
 ``torch_fidelity.calculate_metrics(fid=True)`` on the same features)::
@@ -15,133 +15,23 @@ Covariances are unbiased (divide by N − 1), like ``numpy.cov(x, rowvar=False)`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 import numpy as np
 import torch
 
-__all__ = ["FeatureStats", "frechet_distance", "mean_cov"]
-
-
-def _as_float64_2d(features: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(features, torch.Tensor):
-        features = features.detach().to(device="cpu", dtype=torch.float64).numpy()
-    array = np.asarray(features, dtype=np.float64)
-    if array.ndim != 2:
-        raise ValueError(f"features must be a 2-D array [N, D], got shape {array.shape}")
-    return array
-
-
-class FeatureStats:
-    """Streaming first and second moments of feature vectors, in float64.
-
-    Holds ``count`` (N), ``sum`` = Σₙ xₙ ``[D]`` and ``outer`` = Σₙ xₙ xₙᵀ = XᵀX ``[D, D]``, so
-    accumulators from several batches or ranks can be merged exactly (up to float64 rounding) in
-    any order. Memory is ``D² · 8`` bytes (32 MiB for Inception's 2048-d pool features),
-    independent of the number of samples.
-
-    Args:
-        dim: feature dimension D; None infers it from the first :meth:`update`.
-    """
-
-    def __init__(self, dim: int | None = None) -> None:
-        self.dim: int | None = None if dim is None else int(dim)
-        self.count: int = 0
-        self.sum: np.ndarray | None = None
-        self.outer: np.ndarray | None = None
-        if self.dim is not None:
-            self._allocate(self.dim)
-
-    def _allocate(self, dim: int) -> None:
-        self.dim = dim
-        self.sum = np.zeros(dim, dtype=np.float64)
-        self.outer = np.zeros((dim, dim), dtype=np.float64)
-
-    def update(self, features: torch.Tensor | np.ndarray) -> FeatureStats:
-        """Add a batch of feature vectors ``[N, D]`` (any float dtype; converted to float64).
-
-        Returns:
-            self, for chaining.
-        """
-        x = _as_float64_2d(features)
-        if self.dim is None:
-            self._allocate(x.shape[1])
-        if x.shape[1] != self.dim:
-            raise ValueError(f"feature dimension {x.shape[1]} != accumulator dimension {self.dim}")
-        if x.shape[0] == 0:
-            return self
-        if not np.all(np.isfinite(x)):
-            raise ValueError("features contain NaN or Inf")
-        assert self.sum is not None and self.outer is not None
-        self.sum += x.sum(axis=0)
-        self.outer += x.T @ x
-        self.count += int(x.shape[0])
-        return self
-
-    def merge(self, other: FeatureStats) -> FeatureStats:
-        """Add another accumulator's moments into this one (in place).
-
-        Returns:
-            self, for chaining.
-        """
-        if other.count == 0 or other.dim is None:
-            return self
-        if self.dim is None:
-            self._allocate(other.dim)
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge stats of dimension {other.dim} into {self.dim}")
-        assert self.sum is not None and self.outer is not None
-        assert other.sum is not None and other.outer is not None
-        self.sum += other.sum
-        self.outer += other.outer
-        self.count += other.count
-        return self
-
-    @classmethod
-    def merged(cls, parts: Iterable[FeatureStats]) -> FeatureStats:
-        """A new accumulator holding the sum of ``parts`` (merged in iteration order)."""
-        out = cls()
-        for part in parts:
-            out.merge(part)
-        return out
-
-    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean ``[D]`` and unbiased covariance ``[D, D]`` (float64), as ``numpy.cov(rowvar=False)``.
-
-        Raises:
-            ValueError: with fewer than 2 feature vectors.
-        """
-        if self.count < 2:
-            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
-        assert self.sum is not None and self.outer is not None
-        n = float(self.count)
-        mu = self.sum / n
-        sigma = (self.outer - n * np.outer(mu, mu)) / (n - 1.0)
-        sigma = 0.5 * (sigma + sigma.T)  # exact symmetry despite rounding
-        return mu, sigma
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain-python/numpy state (picklable, for gathering across ranks)."""
-        return {"dim": self.dim, "count": self.count, "sum": self.sum, "outer": self.outer}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> FeatureStats:
-        """Inverse of :meth:`state_dict`."""
-        out = cls()
-        out.dim = state["dim"]
-        out.count = int(state["count"])
-        out.sum = state["sum"]
-        out.outer = state["outer"]
-        return out
-
-    def __repr__(self) -> str:
-        return f"FeatureStats(dim={self.dim}, count={self.count})"
+__all__ = ["frechet_distance", "mean_cov"]
 
 
 def mean_cov(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean ``[D]`` and unbiased covariance ``[D, D]`` (float64) of features ``[N, D]``."""
-    return FeatureStats().update(features).mean_cov()
+    """Mean ``[D]`` and unbiased covariance ``[D, D]`` (float64) of features ``[N, D]``.
+
+    The in-memory counterpart of :class:`~ddpm.metrics.quality.FeatureMoments` (which streams).
+    """
+    if isinstance(features, torch.Tensor):
+        features = features.detach().to(device="cpu", dtype=torch.float64).numpy()
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"features must be [N >= 2, D], got shape {x.shape}")
+    return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
 
 
 def frechet_distance(

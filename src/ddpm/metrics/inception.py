@@ -155,7 +155,9 @@ class InceptionFeatureExtractor:
 
     name = INCEPTION_NAME
     feature_layer = INCEPTION_FEATURE_LAYER
+    num_features = 2048
     has_logits = True
+    num_logits = 1008
 
     def __init__(
         self,

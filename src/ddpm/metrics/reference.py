@@ -23,14 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ddpm.metrics.distributed import (
-    broadcast_from_rank0,
-    dist_info,
-    gather_to_rank0,
-    shard_batches,
-)
+from ddpm.metrics.collective import Collective, single_process
 from ddpm.metrics.features import FeatureExtractor, default_cache_dir, quantize_to_uint8
-from ddpm.metrics.fid import FeatureStats
+from ddpm.metrics.quality import FeatureMoments
+from ddpm.metrics.sampling import shard_batches
 
 __all__ = [
     "REFERENCE_STATS_VERSION",
@@ -92,27 +88,29 @@ def extract_dataset_stats(
     *,
     batch_size: int = 250,
     num_workers: int = 0,
-    rank: int | None = None,
-    world_size: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
     progress: bool = False,
-) -> FeatureStats:
-    """This rank's :class:`FeatureStats` over its shard of ``dataset`` (no communication).
+    expected_count: int | None = None,
+) -> FeatureMoments:
+    """A :class:`FeatureMoments` metric fed this rank's shard of ``dataset``.
 
     Items are float ``[C, H, W]`` in [-1, 1] (quantised with
     :func:`~ddpm.metrics.features.quantize_to_uint8`) or uint8; tuples contribute their first
-    element. Global batch ``b`` of ``batch_size`` items goes to rank ``b % world_size``.
+    element. Global batch ``b`` of ``batch_size`` items goes to rank ``b % world_size``; the
+    metric's ``compute()`` merges the ranks (and checks ``expected_count`` when given).
     """
-    default_rank, default_world = dist_info()
-    rank = default_rank if rank is None else rank
-    world_size = default_world if world_size is None else world_size
     indices = [
         i
         for start, stop in shard_batches(len(dataset), batch_size, rank, world_size)  # type: ignore[arg-type]
         for i in range(start, stop)
     ]
-    stats = FeatureStats()
+    moments = FeatureMoments(
+        extractor.num_features, extractor, batch_size, expected_count=expected_count
+    )
+    moments.to(extractor.device)
     if not indices:
-        return stats
+        return moments
     loader = DataLoader(
         Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
@@ -122,9 +120,8 @@ def extract_dataset_stats(
 
         iterator = tqdm(loader, desc="reference statistics", unit="batch", leave=False)
     for batch in iterator:
-        images = quantize_to_uint8(_first_tensor(batch))
-        stats.update(extractor(images)["features"])
-    return stats
+        moments.update(quantize_to_uint8(_first_tensor(batch)))
+    return moments
 
 
 def _expected_meta(
@@ -188,11 +185,13 @@ def reference_statistics(
     batch_size: int = 250,
     num_workers: int = 0,
     progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray] | None:
+    strategy: Collective | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the reference features, from the cache or computed (collective).
 
-    Every rank must call this. Rank 0 checks the cache and tells the others; on a miss every rank
-    extracts features of its shard, rank 0 merges the float64 moments and writes the cache.
+    Every rank must call this. Rank 0 checks the cache and broadcasts what it found; on a miss
+    every rank extracts features of its shard, torchmetrics merges the float64 moments, and
+    rank 0 writes the cache.
 
     Args:
         dataset: the reference images (training set without flips), float ``[C, H, W]`` in [-1, 1].
@@ -201,38 +200,31 @@ def reference_statistics(
         cache_dir: cache directory (see :func:`~ddpm.metrics.features.default_cache_dir`).
         batch_size: images per extraction batch; num_workers: DataLoader workers.
         progress: tqdm bar on rank 0.
+        strategy: the run's strategy (None: this process alone).
 
     Returns:
-        ``(mu [D], sigma [D, D])`` float64 on rank 0; None on the other ranks.
+        ``(mu [D], sigma [D, D])`` float64, on every rank.
     """
-    rank, _ = dist_info()
-    path: Path | None = None
-    cached = None
-    meta: dict[str, Any] = {}
-    if rank == 0:
-        meta = _expected_meta(dataset, extractor, dataset_name)
-        path = _cache_path(default_cache_dir(cache_dir), meta)
-        cached = _load_if_valid(path, meta)
-    hit = broadcast_from_rank0(cached is not None)
-    if hit:
-        return cached if rank == 0 else None
-    stats = extract_dataset_stats(
+    strategy = single_process(strategy, extractor.device)
+    rank = strategy.global_rank
+    meta = _expected_meta(dataset, extractor, dataset_name)
+    path = _cache_path(default_cache_dir(cache_dir), meta)
+    cached = _load_if_valid(path, meta) if rank == 0 else None
+    cached = strategy.broadcast(cached, src=0)
+    if cached is not None:
+        return cached
+    moments = extract_dataset_stats(
         dataset,
         extractor,
         batch_size=batch_size,
         num_workers=num_workers,
+        rank=rank,
+        world_size=strategy.world_size,
         progress=progress and rank == 0,
+        expected_count=meta["num_images"],
     )
-    parts = gather_to_rank0(stats.state_dict())
-    if parts is None:
-        return None
-    merged = FeatureStats.merged(FeatureStats.from_state_dict(p) for p in parts)
-    if merged.count != meta["num_images"]:
-        raise RuntimeError(
-            f"reference statistics saw {merged.count} images, expected {meta['num_images']}"
-        )
-    mu, sigma = merged.mean_cov()
-    assert path is not None
-    _save_atomic(path, mu, sigma, meta)
-    log.info("cached reference statistics at %s", path)
+    mu, sigma = moments.compute()
+    if rank == 0:
+        _save_atomic(path, mu, sigma, meta)
+        log.info("cached reference statistics at %s", path)
     return mu, sigma

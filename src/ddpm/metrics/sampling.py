@@ -20,9 +20,39 @@ import torch
 from torch import nn
 
 from ddpm.diffusion.sampling import SamplerSpec
-from ddpm.metrics.distributed import dist_info, shard_batches
 
-__all__ = ["batch_seed", "generate_samples_sharded", "iter_sample_batches"]
+__all__ = [
+    "EvalMode",
+    "batch_seed",
+    "generate_samples_sharded",
+    "iter_sample_batches",
+    "shard_batches",
+]
+
+
+def shard_batches(
+    num_items: int, batch_size: int, rank: int, world_size: int
+) -> list[tuple[int, int]]:
+    """This rank's global batches of the item indices ``0 .. num_items − 1``.
+
+    The indices are cut into consecutive global batches of ``batch_size`` (the last one may be
+    short); batch ``b`` belongs to rank ``b % world_size``. Batch boundaries therefore do not
+    depend on the world size, shares differ by at most one batch, and the shards are disjoint and
+    cover every index exactly once.
+
+    Returns:
+        ``[(start, stop), ...]`` half-open index ranges, ascending.
+    """
+    if num_items < 0 or batch_size < 1:
+        raise ValueError(f"need num_items >= 0 and batch_size >= 1, got {num_items}, {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    starts = range(0, num_items, batch_size)
+    return [
+        (start, min(start + batch_size, num_items))
+        for b, start in enumerate(starts)
+        if b % world_size == rank
+    ]
 
 
 def batch_seed(seed: int, round_idx: int, start_index: int, purpose: str = "samples") -> int:
@@ -31,7 +61,7 @@ def batch_seed(seed: int, round_idx: int, start_index: int, purpose: str = "samp
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-class _EvalMode:
+class EvalMode:
     """Put a module in eval mode (no dropout) and restore its previous mode afterwards."""
 
     def __init__(self, module: object) -> None:
@@ -59,8 +89,8 @@ def iter_sample_batches(
     sampler: SamplerSpec | None = None,
     device: torch.device | str | None = None,
     clip_denoised: bool = True,
-    rank: int | None = None,
-    world_size: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
     progress: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield this rank's sample batches lazily (memory: one batch at a time).
@@ -75,7 +105,8 @@ def iter_sample_batches(
         sampler: the sampling protocol (None: ancestral over all T, the paper's sampler).
         device: where to sample; default the diffusion buffers' device.
         clip_denoised: clip x̂₀ at every step (the official sampler does).
-        rank, world_size: default from the process group (0, 1 without one).
+        rank, world_size: this process's rank and the number of processes (e.g.
+            ``trainer.global_rank``, ``trainer.world_size``).
         progress: show a tqdm bar over this rank's batches (callers pass ``rank == 0``).
 
     Yields:
@@ -84,9 +115,6 @@ def iter_sample_batches(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    default_rank, default_world = dist_info()
-    rank = default_rank if rank is None else int(rank)
-    world_size = default_world if world_size is None else int(world_size)
     if device is None:
         device = diffusion.betas.device  # type: ignore[union-attr]
     device = torch.device(device)
@@ -97,7 +125,7 @@ def iter_sample_batches(
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc=f"sampling {num_samples}", unit="batch", leave=False)
-    with _EvalMode(net), torch.no_grad():
+    with EvalMode(net), torch.no_grad():
         for start, stop in iterator:
             generator = torch.Generator(device=device).manual_seed(
                 batch_seed(seed, round_idx, start)
@@ -123,8 +151,8 @@ def generate_samples_sharded(
     sampler: SamplerSpec | None = None,
     device: torch.device | str | None = None,
     clip_denoised: bool = True,
-    rank: int | None = None,
-    world_size: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of the N samples, materialised on the CPU (for small N and tests).
 

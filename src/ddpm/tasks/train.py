@@ -1,4 +1,4 @@
-"""``train(cfg)``: the whole run, callable from ``src/train.py`` (Hydra) and from tests.
+"""``run(cfg)``: the whole training run, callable from ``src/train.py`` (Hydra) and from tests.
 
 Order: check the output directory → build the diffusion (invalid combinations stop here, before
 any data is touched) → data → model → callbacks and loggers → fit → final samples, bits/dim on
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -38,42 +37,12 @@ from ddpm.callbacks.sample_grid import SampleGridCallback
 from ddpm.callbacks.sample_quality import SampleQualityCallback
 from ddpm.errors import ConfigError
 from ddpm.lit_module import DiffusionLitModule, DivergenceError
+from ddpm.tasks.common import git_commit, write_json_atomic
 from ddpm.wandb_utils import wandb_has_credentials
 
-__all__ = ["git_commit", "objective_value", "train", "write_json_atomic"]
+__all__ = ["objective_value", "run"]
 
 log = __import__("logging").getLogger(__name__)
-
-
-def git_commit() -> str | None:
-    """The current git commit of the code, or None outside a checkout."""
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def write_json_atomic(data: dict[str, Any], path: str | Path) -> Path:
-    """Write JSON to a temporary file and rename it onto ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _instantiate_dict(node: DictConfig | None) -> list[Any]:
@@ -98,7 +67,7 @@ def _prepare_wandb(cfg: DictConfig) -> bool:
     return offline
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     """Train the configured model; return the metrics also written to ``<output_dir>/metrics.json``.
 
     Raises:

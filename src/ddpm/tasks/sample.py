@@ -1,4 +1,4 @@
-"""``sample(cfg)``: draw samples from a checkpoint or a released model, write a PNG grid and .npz."""
+"""``run(cfg)``: draw samples from a checkpoint or a released model, write a PNG grid and .npz."""
 
 from __future__ import annotations
 
@@ -11,35 +11,15 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ddpm.builders import ensure_writable_dir, load_for_inference
-from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.errors import ConfigError
 from ddpm.images import quantize_to_uint8, save_grid_png
 from ddpm.models.speed import fast_inference_net, speed_options
+from ddpm.tasks.common import resolve_device, sampler_spec
 
-__all__ = ["resolve_device", "sample", "sampler_spec"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda if available else cpu; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+__all__ = ["run"]
 
 
-def sampler_spec(node: Any, where: str = "") -> SamplerSpec:
-    """The :class:`SamplerSpec` of a config node with ``sampler``, ``steps``, ``eta``, ``spacing``.
-
-    Raises:
-        ConfigError: an unknown sampler or spacing, ``eta`` without ``ddim``, bad ``steps``; the
-            message names the config keys (prefixed by ``where``, e.g. ``sample_quality.``).
-    """
-    try:
-        return SamplerSpec.from_config(node)
-    except ValueError as err:
-        raise ConfigError(f"{where}sampler/steps/eta/spacing: {err}") from None
-
-
-def sample(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     """Write ``samples.png`` and ``samples.npz`` (uint8 ``[N, H, W, C]``) into ``cfg.output_dir``."""
     output_dir = ensure_writable_dir(cfg.output_dir)
     device = resolve_device(cfg.device)

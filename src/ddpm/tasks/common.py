@@ -1,0 +1,86 @@
+"""What the tasks share: running one with clear user errors, JSON output, device, git commit.
+
+The tasks (:mod:`ddpm.tasks.train`, :mod:`ddpm.tasks.sample`, :mod:`ddpm.tasks.evaluate`) each
+expose ``run(cfg)`` and import nothing from one another; what more than one needs lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from ddpm.data.errors import DatasetNotFoundError
+from ddpm.diffusion.sampling import SamplerSpec
+from ddpm.errors import ConfigError, UserError
+
+__all__ = ["git_commit", "resolve_device", "run_task", "sampler_spec", "write_json_atomic"]
+
+
+def run_task(fn: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> dict[str, Any]:
+    """Call ``fn(cfg)``; on a :class:`UserError` or a missing dataset print ``error: …``, exit 1."""
+    try:
+        return fn(cfg)
+    except (UserError, DatasetNotFoundError) as err:
+        logging.getLogger("ddpm").debug("user error", exc_info=True)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def git_commit() -> str | None:
+    """The current git commit of the code, or None outside a checkout."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write_json_atomic(data: dict[str, Any], path: str | Path) -> Path:
+    """Write JSON to a temporary file and rename it onto ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda if available else cpu; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sampler_spec(node: Any, where: str = "") -> SamplerSpec:
+    """The :class:`SamplerSpec` of a config node with ``sampler``, ``steps``, ``eta``, ``spacing``.
+
+    Raises:
+        ConfigError: an unknown sampler or spacing, ``eta`` without ``ddim``, bad ``steps``; the
+            message names the config keys (prefixed by ``where``, e.g. ``sample_quality.``).
+    """
+    try:
+        return SamplerSpec.from_config(node)
+    except ValueError as err:
+        raise ConfigError(f"{where}sampler/steps/eta/spacing: {err}") from None

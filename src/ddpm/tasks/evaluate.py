@@ -1,0 +1,158 @@
+"""``run(cfg)``: IS/FID (or fd_digits) and bits/dim of a checkpoint or released model.
+
+The evaluation runs through Lightning: ``trainer.test`` on the LightningModule with the same
+:class:`~ddpm.callbacks.SampleQualityCallback` and :class:`~ddpm.callbacks.NLLCallback` that
+evaluate during training (they evaluate at the end of the test epoch; ``test_step`` logs the
+held-out loss). ``trainer=ddp trainer.devices=N`` evaluates on N processes with the same
+numbers and the same images as one: the samples and images are split by global batch, each
+seeded by its index, and the metrics' float64 sums are merged by torchmetrics.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ddpm.builders import build_datamodule, ensure_writable_dir, load_inference_module
+from ddpm.callbacks import NLLCallback, SampleQualityCallback
+from ddpm.errors import ConfigError
+from ddpm.models.speed import fast_inference_net, speed_options
+from ddpm.tasks.common import sampler_spec, write_json_atomic
+
+__all__ = ["run"]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate; rank 0 writes ``<output_dir>/metrics.json`` (and ``nll_terms.npy``).
+
+    Returns:
+        the metrics (on every rank).
+    """
+    start = time.time()
+    output_dir = ensure_writable_dir(cfg.output_dir)
+    module, run_cfg = load_inference_module(
+        cfg.ckpt_path, cfg.pretrained, cfg.get("pretrained_diffusion")
+    )
+    speed = speed_options(cfg.get("speed"))
+    module.ema.ema_net = fast_inference_net(module.ema.ema_net, **speed)
+    data_node = run_cfg.data if run_cfg is not None else cfg.pretrained_data
+    data_cfg = OmegaConf.create(OmegaConf.to_container(data_node, resolve=True))
+    if cfg.get("data_dir"):
+        with open_dict(data_cfg):
+            data_cfg.data_dir = str(cfg.data_dir)
+    datamodule = build_datamodule(DictConfig({"data": data_cfg}))
+    if tuple(datamodule.image_shape) != tuple(module.image_shape):
+        raise ConfigError(
+            f"the model generates {tuple(module.image_shape)} images but the data has "
+            f"{tuple(datamodule.image_shape)}; pass matching data"
+        )
+
+    quality, nll = _evaluation_sizes(cfg, run_cfg)
+    callbacks: list[pl.Callback] = []
+    if quality.enabled:
+        spec = sampler_spec(quality, "sample_quality.")
+        callbacks.append(
+            SampleQualityCallback(
+                num_samples=int(quality.num_samples),
+                batch_size=int(quality.batch_size),
+                on_train_end=False,
+                sampler=spec.name,
+                steps=spec.steps,
+                eta=spec.eta,
+                spacing=spec.spacing,
+                seed=int(cfg.seed),
+                feature_extractor=quality.feature_extractor,
+                inception_weights=cfg.metrics.inception_weights,
+                allow_download=bool(cfg.metrics.allow_download),
+                cache_dir=cfg.paths.cache_dir,
+                compute_is=bool(quality.compute_is),
+                is_splits=int(quality.is_splits),
+                save_dir=str(output_dir / "samples") if quality.get("save_samples") else None,
+            )
+        )
+    if nll.enabled:
+        callbacks.append(
+            NLLCallback(
+                num_images=int(nll.num_images),
+                batch_size=int(nll.batch_size),
+                split="test",
+                on_train_end=False,
+                seed=int(cfg.seed),
+                save_terms=False,
+                estimator=str(nll.estimator),
+                num_terms=nll.get("num_terms"),
+            )
+        )
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False
+    )
+    logged = trainer.test(module, datamodule=datamodule, verbose=False)
+
+    metrics: dict[str, Any] = {
+        "ckpt_path": cfg.ckpt_path,
+        "pretrained": cfg.pretrained,
+        "diffusion": module.diffusion.name,
+        "num_timesteps": module.diffusion.num_timesteps,
+        "seed": int(cfg.seed),
+        "speed": speed,
+        "world_size": trainer.world_size,
+    }
+    metrics.update({k: float(v) for k, v in (logged[0] if logged else {}).items()})
+    terms = None
+    for callback in callbacks:
+        if isinstance(callback, SampleQualityCallback):
+            metrics.update(callback.last_metrics)
+        else:
+            result = dict(callback.last_result or {})
+            terms = result.pop("terms_bpd", None)
+            metrics.update(result)
+    if trainer.is_global_zero:
+        if terms is not None:
+            path = Path(output_dir) / "nll_terms.npy"
+            np.save(path, terms)
+            metrics["nll_terms_npy"] = str(path)
+        metrics["wall_time_s"] = round(time.time() - start, 2)
+        path = write_json_atomic(metrics, Path(output_dir) / "metrics.json")
+        print(f"metrics: {path}", flush=True)
+        for key, value in metrics.items():
+            if key.startswith(("fid", "is_", "fd_", "nll_bpd")) and isinstance(value, float):
+                print(f"  {key}: {value:.4f}")
+    return metrics
+
+
+def _evaluation_sizes(cfg: DictConfig, run_cfg: DictConfig | None) -> tuple[DictConfig, DictConfig]:
+    """``cfg.sample_quality`` and ``cfg.nll`` with every ``???`` filled from the run's protocol.
+
+    The protocol is the run config's ``evaluation.report`` (``conf/evaluation/<data>.yaml`` with
+    the run's scale applied), or ``cfg.pretrained_evaluation.report`` for a released model.
+
+    Raises:
+        ConfigError: when a size is not given and the checkpoint's config has no protocol.
+    """
+    if run_cfg is not None:
+        report = OmegaConf.select(run_cfg, "evaluation.report")
+        source = "the run's evaluation.report"
+    else:
+        report = OmegaConf.select(cfg, "pretrained_evaluation.report")
+        source = "pretrained_evaluation.report"
+    sections = []
+    for section in ("sample_quality", "nll"):
+        node = OmegaConf.create(OmegaConf.to_container(cfg[section], resolve=False))
+        for key in node:
+            if not node.enabled or not OmegaConf.is_missing(node, key):
+                continue
+            value = OmegaConf.select(report, f"{section}.{key}", default="???") if report else "???"
+            if value == "???":
+                raise ConfigError(
+                    f"{section}.{key} is not set and {source} does not give it; "
+                    f"pass {section}.{key}=..."
+                )
+            node[key] = value
+        sections.append(node)
+    return sections[0], sections[1]
