@@ -31,11 +31,10 @@ from omegaconf import OmegaConf
 
 from ddpm.builders import build_datamodule, load_for_inference
 from ddpm.diffusion.sampling import SamplerSpec
-from ddpm.metrics.bound import nll_metric_name
+from ddpm.metrics.bound import evaluate_nll, nll_metric_name
 from ddpm.metrics.evaluate import (
     SampleQuality,
     build_feature_extractor,
-    evaluate_nll,
     resolve_extractor_kind,
     run_sample_quality,
 )

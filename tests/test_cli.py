@@ -16,9 +16,12 @@ from conftest import TINY  # tests/ is on sys.path under pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(
+    args: list[str], tmp_path: Path, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
+        **(env or {}),
         "WANDB_MODE": "offline",
         "WANDB_DIR": str(tmp_path),
         "WANDB_SILENT": "true",

@@ -36,14 +36,20 @@ EVAL = [
 
 
 @pytest.fixture(scope="module")
-def evaluations(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    tmp = tmp_path_factory.mktemp("eval_ddp")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("eval_ddp_run")
     run_dir = tmp / "run"
     proc = run(
         ["src/train.py", "experiment=quickstart", *tiny(tmp), f"hydra.run.dir={run_dir}"], tmp
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def evaluations(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    tmp = tmp_path_factory.mktemp("eval_ddp")
+    ckpt = checkpoint
     out = {}
     for world, extra in (
         (1, []),
@@ -93,3 +99,27 @@ def test_two_processes_give_the_same_metrics(evaluations) -> None:
     assert one["nll_num_images"] == two["nll_num_images"] == 9
     terms = [np.load(evaluations[w] / "nll_terms.npy") for w in (1, 2)]
     np.testing.assert_allclose(terms[1], terms[0], rtol=0, atol=1e-9)
+
+
+def test_eval_without_inception_weights_is_one_clear_error(checkpoint: Path, tmp_path) -> None:
+    """eval.py was asked for FID: a missing Inception network stops it (the training callback
+    would warn and carry on), with the instructions and no traceback."""
+    proc = run(
+        [
+            "src/eval.py",
+            f"ckpt_path={checkpoint}",
+            "sample_quality.feature_extractor=inception",
+            "sample_quality.num_samples=10",
+            "metrics.inception_weights=null",
+            "metrics.allow_download=false",
+            "nll.enabled=false",
+            f"output_dir={tmp_path / 'out'}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+        ],
+        tmp_path,
+        env={"TORCH_HOME": str(tmp_path / "torch")},
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error:" in proc.stderr and "DDPM_INCEPTION_WEIGHTS" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()

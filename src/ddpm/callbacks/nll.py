@@ -10,8 +10,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ddpm.callbacks._evaluation import publish_metrics, unwrap_diffusion, unwrap_ema_net
-from ddpm.metrics.bound import NLL_ESTIMATORS, BitsPerDim
-from ddpm.metrics.evaluate import run_nll
+from ddpm.metrics.bound import NLL_ESTIMATORS, BitsPerDim, run_nll
 
 __all__ = ["NLLCallback"]
 

@@ -42,7 +42,8 @@ class SampleQualityCallback(pl.Callback):
     with 100 steps, ``fd_digits_1k_dpmpp20`` for the digits proxy under DPM-Solver++(2M).
 
     When the Inception weights cannot be found or downloaded, the callback warns once and
-    disables itself; training continues.
+    disables itself; training continues (with ``required=True``, as in ``src/eval.py``, the
+    error is raised instead).
 
     Args:
         num_samples: images per evaluation (50 000 for the paper's protocol).
@@ -72,6 +73,8 @@ class SampleQualityCallback(pl.Callback):
         reference_batch_size: images per batch when computing the reference statistics.
         clip_denoised: clip x̂₀ while sampling, as the official sampler does.
         progress: tqdm bars on rank 0.
+        required: raise :class:`~ddpm.metrics.inception.InceptionWeightsUnavailable` instead of
+            disabling the callback when the weights cannot be loaded.
         save_dir: also write the evaluated uint8 images, one ``samples_rank{r}.npz`` per rank
             (:func:`~ddpm.metrics.evaluate.run_sample_quality`); None: keep none.
     """
@@ -98,6 +101,7 @@ class SampleQualityCallback(pl.Callback):
         reference_batch_size: int = 100,
         clip_denoised: bool = True,
         progress: bool = True,
+        required: bool = False,
         save_dir: str | None = None,
     ) -> None:
         if int(num_samples) < 2:
@@ -121,6 +125,7 @@ class SampleQualityCallback(pl.Callback):
         self.reference_batch_size = int(reference_batch_size)
         self.clip_denoised = bool(clip_denoised)
         self.progress = bool(progress)
+        self.required = bool(required)
         self.save_dir = save_dir or None
 
         self.disabled = False
@@ -165,6 +170,8 @@ class SampleQualityCallback(pl.Callback):
                 strategy=trainer.strategy,
             )
         except InceptionWeightsUnavailable as exc:
+            if self.required:
+                raise
             self.disabled = True
             rank_zero_warn(
                 f"SampleQualityCallback disabled, no FID/IS will be computed: {exc}",

@@ -12,18 +12,17 @@ See ``docs/evaluation.md`` for the protocol. Public entry points:
   :func:`reference_statistics`, :func:`run_nll`, :func:`evaluate_nll`.
 """
 
-from ddpm.metrics.bound import NLL_ESTIMATORS, BitsPerDim, nll_metric_name
+from ddpm.metrics.bound import NLL_ESTIMATORS, BitsPerDim, evaluate_nll, nll_metric_name, run_nll
 from ddpm.metrics.collective import Collective, single_process
 from ddpm.metrics.digits_classifier import DigitsFeatureExtractor, load_or_train_digits_classifier
 from ddpm.metrics.evaluate import (
     SampleQuality,
     build_feature_extractor,
-    evaluate_nll,
     evaluate_sample_quality,
     metric_prefix,
     resolve_extractor_kind,
-    run_nll,
     run_sample_quality,
+    sample_quality_names,
 )
 from ddpm.metrics.features import (
     FeatureExtractor,
@@ -96,6 +95,7 @@ __all__ = [
     "resolve_inception_weights",
     "run_nll",
     "run_sample_quality",
+    "sample_quality_names",
     "sha256_file",
     "shard_batches",
     "single_process",

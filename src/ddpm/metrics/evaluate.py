@@ -1,4 +1,4 @@
-"""The evaluation path shared by the callbacks, ``src/eval.py`` and the benchmarks.
+"""The sample-quality path shared by the callbacks, ``src/eval.py`` and the benchmarks.
 
 Everything here is *collective* in a multi-process run: every rank calls it, in the same order,
 with the run's Lightning strategy (``trainer.strategy``, or a Fabric strategy) for its rank,
@@ -12,9 +12,7 @@ alone. Sample quality:
 2. ``compute()`` merges the ranks with torchmetrics' sum reduction and every rank gets the same
    FID / IS / ``fd_digits`` (torch-fidelity's formulas).
 
-Bits/dim: the images ``0 .. num_images − 1`` of a dataset are cut into global batches; batch b
-goes to rank ``b % world_size``, which evaluates ``diffusion.nll_bpd`` with a generator seeded from
-``(seed, start index)``; a :class:`~ddpm.metrics.bound.BitsPerDim` metric merges the ranks.
+Bits/dim follow the same scheme in :mod:`ddpm.metrics.bound`.
 """
 
 from __future__ import annotations
@@ -28,11 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from torchmetrics.aggregation import SumMetric
 
 from ddpm.diffusion.sampling import SamplerSpec
-from ddpm.metrics.bound import NLL_ESTIMATORS, BitsPerDim, nll_metric_name
 from ddpm.metrics.collective import Collective, single_process
 from ddpm.metrics.features import FeatureExtractor, quantize_to_uint8
 from ddpm.metrics.inception import InceptionFeatureExtractor, InceptionWeightsUnavailable
@@ -44,19 +40,14 @@ from ddpm.metrics.quality import (
     extract_in_chunks,
 )
 from ddpm.metrics.reference import dataset_name_of, reference_statistics
-from ddpm.metrics.sampling import EvalMode, batch_seed, iter_sample_batches, shard_batches
+from ddpm.metrics.sampling import iter_sample_batches
 
 __all__ = [
-    "NLL_ESTIMATORS",
-    "Collective",
     "SampleQuality",
     "build_feature_extractor",
-    "evaluate_nll",
     "evaluate_sample_quality",
     "metric_prefix",
-    "nll_metric_name",
     "resolve_extractor_kind",
-    "run_nll",
     "run_sample_quality",
     "sample_quality_names",
 ]
@@ -439,115 +430,5 @@ def evaluate_sample_quality(
         sampler=sampler,
         strategy=strategy,
         clip_denoised=clip_denoised,
-        progress=progress,
-    )
-
-
-# ---------------------------------------------------------------------------- bits/dim
-def _first(item: Any) -> torch.Tensor:
-    if isinstance(item, (list, tuple)):
-        item = item[0]
-    if item.dtype == torch.uint8:
-        item = item.float() / 127.5 - 1.0
-    return item
-
-
-def run_nll(
-    diffusion: nn.Module,
-    net: nn.Module,
-    dataset: Dataset,
-    metric: BitsPerDim,
-    *,
-    num_images: int,
-    batch_size: int,
-    seed: int,
-    strategy: Collective | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The bound on images ``0 .. num_images − 1`` of ``dataset``, sharded (collective).
-
-    Batch ``b`` (images ``[b·batch_size, …)``) runs on rank ``b % world_size`` with a generator
-    ``torch.Generator(device).manual_seed(batch_seed(seed, 0, start, "nll"))`` passed to
-    ``diffusion.nll_bpd`` (``metric.estimator == "full"``) or ``diffusion.nll_bpd_stratified``
-    with ``metric.num_terms``; so the result does not depend on the world size.
-
-    Returns:
-        :meth:`BitsPerDim.compute`, on every rank.
-    """
-    device = diffusion.betas.device  # type: ignore[union-attr]
-    strategy = single_process(strategy, device)
-    n = min(int(num_images), len(dataset))  # type: ignore[arg-type]
-    if n < 1:
-        raise ValueError(f"need at least one image, got num_images={num_images}")
-    metric.reset()
-    metric.to(device)
-    batches: Any = shard_batches(n, batch_size, strategy.global_rank, strategy.world_size)
-    if progress and strategy.global_rank == 0:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc=f"bits/dim on {n} images", unit="batch", leave=False)
-    with EvalMode(net), torch.no_grad():
-        for start, stop in batches:
-            x0 = torch.stack([_first(dataset[i]) for i in range(start, stop)])
-            x0 = x0.to(device=device, dtype=diffusion.betas.dtype)  # type: ignore[union-attr]
-            generator = torch.Generator(device=device).manual_seed(
-                batch_seed(seed, 0, start, "nll")
-            )
-            if metric.estimator == "full":
-                out = diffusion.nll_bpd(net, x0, generator=generator)  # type: ignore[operator]
-            else:
-                out = diffusion.nll_bpd_stratified(  # type: ignore[operator]
-                    net, x0, metric.num_terms, generator=generator
-                )
-            metric.update(out)
-    return metric.compute()
-
-
-def evaluate_nll(
-    diffusion: nn.Module,
-    net: nn.Module,
-    dataloader: DataLoader | Dataset,
-    *,
-    num_images: int = 1000,
-    seed: int = 0,
-    batch_size: int | None = None,
-    progress: bool = True,
-    estimator: str = "full",
-    num_terms: int | None = None,
-    strategy: Collective | None = None,
-) -> dict[str, Any]:
-    """Bits/dim (the variational bound) on the first ``num_images`` images (collective).
-
-    Args:
-        diffusion: the :class:`~ddpm.diffusion.GaussianDiffusion`, on the evaluation device.
-        net: the EMA network (put in eval mode while evaluating).
-        dataloader: a DataLoader (only its ``dataset`` and ``batch_size`` are used: images are
-            taken in dataset order, never through a shuffling sampler) or a Dataset of float
-            ``[C, H, W]`` images in [-1, 1].
-        num_images: how many images (from index 0; capped at the dataset size).
-        seed: seeds the per-batch noise generators (see :func:`run_nll`).
-        batch_size: default the loader's batch size, else 64.
-        progress: tqdm bar on rank 0.
-        estimator: ``"full"`` (all T terms, the paper's protocol; T network evaluations per
-            image) or ``"stratified"`` (an unbiased estimate from ``num_terms`` = K terms).
-        num_terms: K, for ``"stratified"``.
-        strategy: the run's strategy (None: this process alone).
-
-    Returns:
-        :meth:`~ddpm.metrics.bound.BitsPerDim.compute` (bits/dim, on every rank). A full and a
-        stratified evaluation of one run never write the same key with different values.
-    """
-    dataset = dataloader.dataset if isinstance(dataloader, DataLoader) else dataloader
-    loader_batch = dataloader.batch_size if isinstance(dataloader, DataLoader) else None
-    metric = BitsPerDim(diffusion.num_timesteps, estimator, num_terms)  # type: ignore[arg-type]
-    return run_nll(
-        diffusion,
-        net,
-        dataset,
-        metric,
-        num_images=num_images,
-        batch_size=int(batch_size or loader_batch or 64),
-        seed=seed,
-        strategy=strategy,
         progress=progress,
     )

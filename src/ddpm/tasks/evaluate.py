@@ -73,6 +73,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 cache_dir=cfg.paths.cache_dir,
                 compute_is=bool(quality.compute_is),
                 is_splits=int(quality.is_splits),
+                required=True,  # asked for FID: a missing network is an error, not a warning
                 save_dir=str(output_dir / "samples") if quality.get("save_samples") else None,
             )
         )
