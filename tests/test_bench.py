@@ -1,25 +1,29 @@
-"""The speed benchmark (bench/bench.py) and the speed options of DiffusionLitModule.
+"""The speed benchmark (the bench/ package) and the speed options of DiffusionLitModule.
 
 No timing is asserted: the machine is shared. What is asserted: the benchmark runs end to end and
 writes its reports; every option gives the default's loss and gradients within a stated
 tolerance; a training step and a sampling step make no host↔device synchronisation (and the
-detector used for that does see the synchronisations it is meant to see).
+detector used for that, :mod:`ddpm.sync_counter`, does see the synchronisations it is meant to
+see); the Lightning module and the bare loop train with the same optimiser and warm-up.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ddpm.builders import build_module
+from ddpm.builders import build_diffusion, build_module, build_net
 from ddpm.lit_module import DiffusionLitModule
+from ddpm.optim import build_optimizer, warmup_multiplier
+from ddpm.sync_counter import host_sync_counter, mark_host_step_counters
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_PATH = ROOT / "bench" / "bench.py"
@@ -28,20 +32,25 @@ IMAGE_SHAPE = (1, 8, 8)
 
 @pytest.fixture(scope="module")
 def bench():
-    """bench/bench.py imported as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("ddpm_bench", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ddpm_bench"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("ddpm_bench", None)
+    """The bench/ package's modules (it lives at the repository root and is not installed)."""
+    added = str(ROOT) not in sys.path
+    if added:
+        sys.path.insert(0, str(ROOT))
+    yield SimpleNamespace(
+        **{
+            name: importlib.import_module(f"bench.{name}")
+            for name in ("runner", "settings", "phases")
+        }
+    )
+    if added:
+        sys.path.remove(str(ROOT))
 
 
 # --------------------------------------------------------------------------- end to end
 def test_benchmark_runs_end_to_end_on_tiny_in_quick_mode(bench, tmp_path):
     options = ["default", "channels_last", "bf16_autocast", "fused_adam"]
     argv = ["--device", "cpu", "--models", "tiny", "--quick", "--in-process"]
-    results = bench.main([*argv, "--options", *options, "--out", str(tmp_path)])
+    results = bench.runner.main([*argv, "--options", *options, "--out", str(tmp_path)])
 
     written = json.loads((tmp_path / "cpu.json").read_text())
     assert written["device"] == "cpu" and set(written["models"]) == {"tiny"}
@@ -94,20 +103,21 @@ def test_benchmark_script_runs_phases_in_worker_processes(tmp_path):
 
 
 def test_settings_validate_and_skip_reasons(bench):
-    quick = bench.settings_for("cpu", "ddpm_cifar10", True, {"batch": 2})
+    settings = bench.settings
+    quick = settings.settings_for("cpu", "ddpm_cifar10", True, {"batch": 2})
     assert quick["batch"] == 2 and quick["windows"] == 2
-    assert bench.settings_for("cpu", "ddpm_cifar10", False, {})["batch"] == 8
+    assert settings.settings_for("cpu", "ddpm_cifar10", False, {})["batch"] == 8
     with pytest.raises(ValueError, match=">= 1"):
-        bench.settings_for("cpu", "small", False, {"windows": 0})
-    assert bench.option_skip_reason("fused_adam", "cpu") is not None
-    assert bench.option_skip_reason("channels_last", "cpu") is None
+        settings.settings_for("cpu", "small", False, {"windows": 0})
+    assert settings.option_skip_reason("fused_adam", "cpu") is not None
+    assert settings.option_skip_reason("channels_last", "cpu") is None
     with pytest.raises(ValueError, match="unknown option"):
-        bench.option_overrides("fast")
+        settings.option_overrides("fast")
 
 
 # --------------------------------------------------------------------------- synchronisations
-def test_sync_counter_sees_reads_copies_and_host_snapshots(bench):
-    counter = bench.host_sync_counter("cpu")
+def test_sync_counter_sees_reads_copies_and_host_snapshots():
+    counter = host_sync_counter("cpu")
     x = torch.randn(5)
     with counter:
         loss = x.square().mean()
@@ -124,7 +134,7 @@ def test_sync_counter_sees_reads_copies_and_host_snapshots(bench):
     assert origins == {"tests/test_bench.py"}
 
 
-def test_adam_step_counters_are_marked_as_host_tensors_unless_capturable(bench):
+def test_adam_step_counters_are_marked_as_host_tensors_unless_capturable():
     params = [torch.nn.Parameter(torch.randn(3)) for _ in range(2)]
     host, captured = (torch.optim.Adam(params[i : i + 1], lr=0.1) for i in (0, 1))
     sum(p.square().sum() for p in params).backward()
@@ -132,8 +142,8 @@ def test_adam_step_counters_are_marked_as_host_tensors_unless_capturable(bench):
     captured.step()
     # capturable=True (CUDA only) keeps the counter on the device, where reading it syncs.
     captured.param_groups[0]["capturable"] = True
-    counter = bench.host_sync_counter("cpu")
-    assert bench.mark_host_step_counters([host, captured], counter) == 1
+    counter = host_sync_counter("cpu")
+    assert mark_host_step_counters([host, captured], counter) == 1
     with counter:
         host.state[params[0]]["step"].item()  # a host counter: no wait for the device
         captured.state[params[1]]["step"].item()  # would live on the device: counted
@@ -146,12 +156,12 @@ def _run_sync_check(bench) -> dict:
         "model": "tiny",
         "device": "cpu",
         "image_shape": list(IMAGE_SHAPE),
-        "settings": bench.settings_for("cpu", "tiny", True, {}),
+        "settings": bench.settings.settings_for("cpu", "tiny", True, {}),
         "seed": 0,
         "option": "default",
         "phase": "sync_check",
     }
-    return bench.run_phase_here(spec)
+    return bench.runner.run_phase_here(spec)
 
 
 def test_training_step_and_sampling_make_no_host_sync(bench):
@@ -183,7 +193,86 @@ def test_sync_check_catches_a_per_step_item(bench, monkeypatch):
     result = _run_sync_check(bench)
     assert "error" not in result, result.get("traceback")
     events = [e for e in result["train"]["events"] if "training_step_with_item" in e["origin"]]
-    assert len(events) == 1 and events[0]["count"] == bench.SYNC_CHECK_STEPS
+    assert len(events) == 1 and events[0]["count"] == bench.settings.SYNC_CHECK_STEPS
+
+
+# --------------------------------------------------------------------------- optimiser
+WARMUP_STEPS = 4
+
+
+def _lr_sequence(optimizer: torch.optim.Optimizer, scheduler, steps: int) -> list[float]:
+    """The learning rate of the first group before each of ``steps`` optimiser steps."""
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradients: a no-op, but keeps the step/scheduler order a loop has
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize(
+    ("overrides", "base_lr"),
+    [
+        ([], 2e-4),
+        (["optimizer.lr=1e-3", "optimizer.weight_decay=0.01"], 1e-3),
+        (["~optimizer"], 2e-4),
+    ],
+    ids=["configured-adam", "changed-adam", "no-optimizer-config"],
+)
+def test_lightning_module_and_bare_loop_build_the_same_optimiser(bench, overrides, base_lr):
+    """``configure_optimizers`` and the bare loop: same class, groups and warm-up multipliers."""
+    cfg = bench.phases.compose_config(
+        "tiny", "default", [f"module.lr_warmup_steps={WARMUP_STEPS}", *overrides]
+    )
+    torch.manual_seed(0)
+    module = build_module(cfg, IMAGE_SHAPE)
+    configured = module.configure_optimizers()
+    assert configured["lr_scheduler"]["interval"] == "step"
+    lit_opt, lit_sched = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    torch.manual_seed(0)
+    net = build_net(cfg, build_diffusion(cfg), IMAGE_SHAPE)
+    bare_opt, bare_sched = bench.phases.bare_optimizer(cfg, net.parameters(), "cpu")
+
+    assert type(lit_opt) is type(bare_opt) is torch.optim.Adam
+    assert len(lit_opt.param_groups) == len(bare_opt.param_groups) == 1
+    for lit_group, bare_group in zip(lit_opt.param_groups, bare_opt.param_groups, strict=True):
+        assert {k: v for k, v in lit_group.items() if k != "params"} == {
+            k: v for k, v in bare_group.items() if k != "params"
+        }
+        assert [p.shape for p in lit_group["params"]] == [p.shape for p in bare_group["params"]]
+    assert [p.shape for p in lit_opt.param_groups[0]["params"]] == [
+        p.shape for p in module.net.parameters()
+    ]
+    assert lit_opt.param_groups[0]["initial_lr"] == pytest.approx(base_lr, rel=1e-12)
+
+    steps = WARMUP_STEPS + 3
+    lit_lrs = _lr_sequence(lit_opt, lit_sched, steps)
+    bare_lrs = _lr_sequence(bare_opt, bare_sched, steps)
+    expected = [base_lr * min(1.0, (k + 1) / WARMUP_STEPS) for k in range(steps)]
+    assert lit_lrs == pytest.approx(expected, rel=1e-12, abs=0)
+    assert bare_lrs == pytest.approx(expected, rel=1e-12, abs=0)
+    assert lit_lrs[0] == pytest.approx(base_lr / WARMUP_STEPS) and lit_lrs[-1] == base_lr
+
+
+def test_build_optimizer_fused_on_cuda_only_and_warmup_edges():
+    calls = []
+
+    def factory(params, **kwargs):
+        calls.append(kwargs)
+        return torch.optim.SGD(params, lr=0.5)
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    for device, fused in (("cpu", True), ("cuda:0", True), ("cuda:0", False)):
+        build_optimizer([param], factory, lr_warmup_steps=1, fused=fused, device=device)
+    assert calls == [{}, {"fused": True}, {}]  # CUDA and asked for, else not passed at all
+
+    optimizer, scheduler = build_optimizer([param], lr_warmup_steps=0)
+    assert type(optimizer) is torch.optim.Adam and optimizer.defaults["lr"] == 2e-4
+    assert optimizer.param_groups[0]["lr"] == 2e-4  # no warm-up: the full rate from step 0
+    # The schedule is a plain function, so a checkpoint stores None for it (as it always has).
+    assert scheduler.state_dict()["lr_lambdas"] == [None]
+    assert [warmup_multiplier(k, 3) for k in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert warmup_multiplier(0, 0) == warmup_multiplier(0, 1) == 1.0
 
 
 # --------------------------------------------------------------------------- option numerics

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,11 +13,10 @@ from torch import nn
 from ddpm.diffusion import GaussianDiffusion, make_timestep_sampler
 from ddpm.ema import ExponentialMovingAverage
 from ddpm.models.speed import run_net
+from ddpm.optim import OptimizerFactory, build_optimizer
 from ddpm.seeding import gather_rng_states, restore_rng_state, seed_rank_stream
 
 __all__ = ["DiffusionLitModule", "DivergenceError"]
-
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
 def _drop_compiled_net_keys(
@@ -223,14 +221,12 @@ class DiffusionLitModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=2e-4))
-        if self.fused_adam and self.device.type == "cuda":
-            optimizer = factory(self.net.parameters(), fused=True)
-        else:
-            optimizer = factory(self.net.parameters())
-        warmup = max(self.lr_warmup_steps, 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        optimizer, scheduler = build_optimizer(
+            self.net.parameters(),
+            self.optimizer_factory,
+            lr_warmup_steps=self.lr_warmup_steps,
+            fused=self.fused_adam,
+            device=self.device,
         )
         return {
             "optimizer": optimizer,
