@@ -32,34 +32,8 @@ class TinyNet(nn.Module):
         return self.dropout(0.5 * self.conv(x)) + time
 
 
-# Overrides that make any training config a tiny, offline, few-second CPU run.
-TINY = [
-    "data=digits",
-    "model=tiny",
-    "trainer=cpu",
-    "logger=csv",
-    "schedule.num_timesteps=50",
-    "data.batch_size=16",
-    "trainer.max_steps=3",
-    "trainer.log_every_n_steps=1",
-    "trainer.val_check_interval=2",
-    "trainer.limit_val_batches=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "callbacks.model_checkpoint.every_n_train_steps=2",
-    "callbacks.sample_grid.every_n_steps=0",
-    "callbacks.sample_grid.num_samples=4",
-    "callbacks.sample_grid.sampler=ancestral",
-    "callbacks.sample_grid.steps=null",
-    "callbacks.sample_grid.eta=null",
-    "module.lr_warmup_steps=2",
-    "final_eval.range_check_samples=4",
-    "callbacks.nll.num_images=4",
-    "callbacks.nll.batch_size=4",
-    "callbacks.nll.progress=false",
-    "~callbacks.sample_quality",
-    "~callbacks.sample_quality_periodic",
-]
+# Any training config as a tiny, offline, few-second CPU run (conf/scale/tiny.yaml).
+TINY = ["+scale=tiny"]
 
 
 @pytest.fixture(autouse=True)

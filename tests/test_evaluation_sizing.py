@@ -87,13 +87,9 @@ def test_eval_takes_its_sizes_from_the_run(compose_cfg):
 
 
 def test_train_returns_a_metric_that_exists(compose_cfg, tmp_path):
-    with_quality = [o for o in TINY if "sample_quality" not in o]
     cfg = compose_cfg(
-        *with_quality,
-        "callbacks.sample_quality.num_samples=8",
-        "callbacks.sample_quality.batch_size=8",
-        "callbacks.sample_quality.steps=2",
-        "callbacks.sample_quality.progress=false",
+        *TINY,
+        "callbacks.sample_quality.on_train_end=true",  # 8 samples at the tiny scale
         "trainer.max_steps=2",
         "~callbacks.nll",
         tiny=False,

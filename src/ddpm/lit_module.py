@@ -209,6 +209,14 @@ class DiffusionLitModule(pl.LightningModule):
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Held-out loss with fixed t and noise per batch, so curves are comparable over time."""
+        self._held_out_loss(batch, batch_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """The held-out loss on the test split (``trainer.test``; the evaluation callbacks add
+        sample quality and bits/dim at the end of the test epoch)."""
+        self._held_out_loss(batch, batch_idx, "test")
+
+    def _held_out_loss(self, batch: Any, batch_idx: int, split: str) -> None:
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         generator = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
         t = torch.randint(
@@ -217,7 +225,7 @@ class DiffusionLitModule(pl.LightningModule):
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         terms = self.diffusion.training_losses(self.ema_net, x0, t, noise)
         for name, value in terms.items():
-            self.log(f"val/{name}", value.mean(), on_epoch=True, sync_dist=True)
+            self.log(f"{split}/{name}", value.mean(), on_epoch=True, sync_dist=True)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
