@@ -35,7 +35,7 @@ from bench.workload import (
 from ddpm.builders import build_diffusion, build_net
 from ddpm.diffusion import make_timestep_sampler
 from ddpm.ema import ExponentialMovingAverage
-from ddpm.models.speed import fast_inference_net, run_net
+from ddpm.models.speed import fast_inference_net, run_net, speed_options
 from ddpm.optim import build_optimizer
 from ddpm.sync_counter import host_sync_counter, mark_host_step_counters
 
@@ -135,14 +135,14 @@ def bare_optimizer(
 
     The same library function (:func:`ddpm.optim.build_optimizer`) with the same arguments as
     ``configure_optimizers``: the configured factory, ``module.lr_warmup_steps`` (optimiser
-    steps) and ``module.fused_adam`` (CUDA only).
+    steps) and ``speed.fused_adam`` (CUDA only).
     """
     factory = instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     return build_optimizer(
         params,
         factory,
         lr_warmup_steps=int(cfg.module.lr_warmup_steps),
-        fused=bool(cfg.module.fused_adam),
+        fused=bool(cfg.speed.fused_adam),
         device=device,
     )
 
@@ -153,23 +153,21 @@ def phase_train_bare(spec: dict[str, Any]) -> dict[str, Any]:
     s = spec["settings"]
     total_steps, boundaries = step_plan(s)
     cfg = compose_config(spec["model"], spec["option"], spec.get("overrides", ()))
-    module_cfg = cfg.module
+    module_cfg, speed = cfg.module, cfg.speed
     torch.manual_seed(spec["seed"])
     diffusion = build_diffusion(cfg)
     net = build_net(cfg, diffusion, tuple(spec["image_shape"]))
-    if module_cfg.channels_last:
+    if speed.channels_last:
         net = net.to(memory_format=torch.channels_last)
     ema = ExponentialMovingAverage(net, decay=float(module_cfg.ema_decay))
     net, ema, diffusion = net.to(device), ema.to(device), diffusion.to(device)
     net.train()
     sampler = make_timestep_sampler(module_cfg.timestep_sampler, diffusion.num_timesteps).to(device)
     # The module's training forward, without the module: the same function, the same options.
-    compiled = torch.compile(net) if module_cfg.compile else net
+    compiled = torch.compile(net) if speed.compile else net
 
     def forward(x_t: Any, t: Any) -> Any:
-        return run_net(
-            compiled, x_t, t, bool(module_cfg.channels_last), bool(module_cfg.bf16_autocast)
-        )
+        return run_net(compiled, x_t, t, bool(speed.channels_last), bool(speed.bf16_autocast))
 
     optimizer, scheduler = bare_optimizer(cfg, net.parameters(), device)
     clip = cfg.trainer.gradient_clip_val
@@ -239,11 +237,10 @@ def phase_eval(spec: dict[str, Any]) -> dict[str, Any]:
     """
     device = torch.device(spec["device"])
     s = spec["settings"]
-    _, module = build_for_spec(spec)
+    cfg, module = build_for_spec(spec)
     module = module.to(device).eval()
-    option = spec["option"]
-    speed = {k: option == k for k in ("channels_last", "bf16_autocast", "compile")}
-    net, diffusion = fast_inference_net(module.ema_net, **speed), module.diffusion
+    net = fast_inference_net(module.ema_net, **speed_options(cfg.speed))
+    diffusion = module.diffusion
     batch = s["batch"]
     shape = (batch, *spec["image_shape"])
     generator = torch.Generator(device=device).manual_seed(spec["seed"])

@@ -113,4 +113,4 @@ def option_overrides(option: str) -> list[str]:
         return []
     if option not in OPTIONS:
         raise ValueError(f"unknown option {option!r}: choose from {', '.join(OPTIONS)}")
-    return [f"module.{option}=true"]
+    return [f"speed.{option}=true"]

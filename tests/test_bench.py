@@ -277,7 +277,7 @@ def test_build_optimizer_fused_on_cuda_only_and_warmup_edges():
 
 # --------------------------------------------------------------------------- option numerics
 def _module(compose_cfg, option: str | None) -> DiffusionLitModule:
-    overrides = [f"module.{option}=true"] if option else []
+    overrides = [f"speed.{option}=true"] if option else []
     cfg = compose_cfg(*overrides, "schedule.num_timesteps=1000")
     torch.manual_seed(0)
     return build_module(cfg, IMAGE_SHAPE)
@@ -354,7 +354,7 @@ def test_checkpoints_with_compiled_net_keys_still_load(compose_cfg):
 
 
 def test_fused_adam_is_requested_on_cuda_only(compose_cfg):
-    """``module.fused_adam`` reaches the optimiser factory as ``fused=True`` on CUDA, not elsewhere.
+    """``speed.fused_adam`` reaches the optimiser factory as ``fused=True`` on CUDA, not elsewhere.
 
     No GPU is needed: the module's device is set by hand and the factory records its arguments.
     """

@@ -97,6 +97,27 @@ def test_speed_options_from_config_and_a_clear_error_on_typos():
     assert speed_options(None) == {"channels_last": False, "bf16_autocast": False, "compile": False}
     with pytest.raises(ConfigError, match=r"unknown speed option.*bf16.*choose from"):
         speed_options(OmegaConf.create({"bf16": True}))
+    # The group's training-only option is accepted and does not reach the inference network.
+    assert speed_options(OmegaConf.create({"fused_adam": True, "compile": True})) == {
+        "channels_last": False, "bf16_autocast": False, "compile": True,
+    }  # fmt: skip
+
+
+def test_one_speed_group_reaches_training_sampling_and_evaluation(compose_cfg):
+    """``conf/speed/`` is in train.yaml, sample.yaml and eval.yaml, and training builds its
+    module from it (there is no ``module.channels_last`` any more)."""
+    from ddpm.builders import build_module
+
+    for name in ("train", "sample", "eval"):
+        cfg = compose_cfg("speed.channels_last=true", config_name=name, tiny=False)
+        assert cfg.speed == {
+            "channels_last": True, "bf16_autocast": False, "compile": False, "fused_adam": False,
+        }, name  # fmt: skip
+    cfg = compose_cfg("speed.channels_last=true", "speed.bf16_autocast=true")
+    assert "channels_last" not in cfg.module
+    module = build_module(cfg, (1, 8, 8))
+    assert module.channels_last and module.bf16_autocast and not module.fused_adam
+    assert module.net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.slow

@@ -78,13 +78,22 @@ def build_net(
 
 
 def build_module(cfg: DictConfig, image_shape: tuple[int, int, int]) -> DiffusionLitModule:
-    """The LightningModule wiring net, diffusion and optimiser from ``cfg``."""
+    """The LightningModule wiring net, diffusion and optimiser from ``cfg``.
+
+    ``cfg.module`` gives its arguments and ``cfg.speed`` (``conf/speed/``) its speed options.
+    """
     diffusion = build_diffusion(cfg)
     net = build_net(cfg, diffusion, image_shape)
     optimizer = _instantiate(cfg.optimizer, "optimizer") if cfg.get("optimizer") else None
     module_cfg = OmegaConf.to_container(cfg.module, resolve=True) if cfg.get("module") else {}
+    speed = OmegaConf.to_container(cfg.speed, resolve=True) if cfg.get("speed") else {}
     return DiffusionLitModule(
-        net=net, diffusion=diffusion, image_shape=image_shape, optimizer=optimizer, **module_cfg
+        net=net,
+        diffusion=diffusion,
+        image_shape=image_shape,
+        optimizer=optimizer,
+        **module_cfg,
+        **speed,
     )
 
 

@@ -60,7 +60,7 @@ def build_optimizer(
             lr 2e-4) when None.
         lr_warmup_steps: optimiser steps of the linear warm-up (see :func:`warmup_multiplier`).
         fused: ask the factory for the fused implementation (``fused=True``). Honoured on CUDA
-            only, as ``module.fused_adam`` promises; elsewhere the factory is called without it.
+            only, as ``speed.fused_adam`` promises; elsewhere the factory is called without it.
         device: the device the parameters live on.
 
     Returns:

@@ -20,6 +20,8 @@ __all__ = ["SPEED_OPTIONS", "SpeedOptionsNet", "fast_inference_net", "run_net", 
 
 #: The inference speed options, in the order of :func:`fast_inference_net`'s arguments.
 SPEED_OPTIONS = ("channels_last", "bf16_autocast", "compile")
+#: Options of the ``speed`` config group that apply to training only.
+TRAINING_ONLY_OPTIONS = ("fused_adam",)
 
 
 def run_net(
@@ -99,14 +101,14 @@ def fast_inference_net(
 
 
 def speed_options(node: Mapping[str, Any] | None) -> dict[str, bool]:
-    """A config's ``speed`` node as keyword arguments of :func:`fast_inference_net`.
+    """A config's ``speed`` node (``conf/speed/``) as keyword arguments of :func:`fast_inference_net`.
 
-    Missing options are off; an unknown one raises :class:`~ddpm.errors.ConfigError` naming it.
+    Missing options are off; training-only ones (``fused_adam``) are left out; an unknown one
+    raises :class:`~ddpm.errors.ConfigError` naming it.
     """
     node = node or {}
-    unknown = sorted(set(node) - set(SPEED_OPTIONS))
+    known = (*SPEED_OPTIONS, *TRAINING_ONLY_OPTIONS)
+    unknown = sorted(set(node) - set(known))
     if unknown:
-        raise ConfigError(
-            f"unknown speed option(s) {unknown}: choose from {', '.join(SPEED_OPTIONS)}"
-        )
+        raise ConfigError(f"unknown speed option(s) {unknown}: choose from {', '.join(known)}")
     return {key: bool(node.get(key, False)) for key in SPEED_OPTIONS}
