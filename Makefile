@@ -61,8 +61,8 @@ ABLATION_ARGS ?=
 TABLE_ARGS ?= --wandb
 # Threads per training process of `make ablation-cpu` (one process per schedule runs in parallel).
 CPU_THREADS ?= 1
-# Keep freed memory in the heap: without this, glibc returns the sampler's batch activations to
-# the OS after every step and page faults cost ~20% of the evaluation time (measured).
+# Keep freed memory in the heap, so glibc does not return the sampler's batch activations to the
+# OS after every step (the page faults would slow the evaluation).
 CPU_MALLOC ?= MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
 NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
 

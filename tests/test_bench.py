@@ -343,16 +343,6 @@ def test_compile_gives_the_default_loss(compose_cfg):
     assert rel_grad < 1e-4
 
 
-def test_checkpoints_with_compiled_net_keys_still_load(compose_cfg):
-    """State dicts written while the compiled wrapper was a registered submodule still load."""
-    module = _module(compose_cfg, None)
-    state = module.state_dict()
-    state.update({f"_compiled_net._orig_mod.{k}": v for k, v in module.net.state_dict().items()})
-    fresh = _module(compose_cfg, None)
-    fresh.load_state_dict(state)  # strict: no unexpected keys
-    assert torch.equal(fresh.net.conv_in.weight, module.net.conv_in.weight)
-
-
 def test_fused_adam_is_requested_on_cuda_only(compose_cfg):
     """``speed.fused_adam`` reaches the optimiser factory as ``fused=True`` on CUDA, not elsewhere.
 

@@ -104,3 +104,20 @@ def test_uint8_quantisation_rounds_and_grid_places_images():
     grid = make_grid(images, nrow=2, padding=1)
     assert grid.shape == (7, 7, 1)
     assert np.all(grid[1:3, 4:6, 0] == 1) and np.all(grid[4:6, 1:3, 0] == 2)
+
+
+@pytest.mark.parametrize("b, c, nrow", [(5, 1, None), (7, 3, 3), (4, 3, 4), (1, 1, None)])
+def test_grid_layout_equals_a_hand_built_grid(b: int, c: int, nrow: int | None) -> None:
+    """Row-major placement, ⌈√B⌉ images per row by default, black padding, C channels kept; a
+    single image is returned as it is (torchvision's rule)."""
+    generator = torch.Generator().manual_seed(b * 10 + c)
+    images = torch.randint(0, 256, (b, c, 3, 4), dtype=torch.uint8, generator=generator)
+    pad, per_row = 2, nrow or int(np.ceil(np.sqrt(b)))
+    rows = int(np.ceil(b / per_row))
+    expected = np.zeros((rows * (3 + pad) + pad, per_row * (4 + pad) + pad, c), np.uint8)
+    for i in range(b):
+        y, x = pad + (i // per_row) * (3 + pad), pad + (i % per_row) * (4 + pad)
+        expected[y : y + 3, x : x + 4] = images[i].permute(1, 2, 0).numpy()
+    if b == 1:
+        expected = images[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(make_grid(images, nrow=nrow, padding=pad), expected)

@@ -40,18 +40,18 @@ def quantize_to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) -> np.ndarray:
-    """uint8 ``[B, C, H, W]`` to one ``[rows·(H+p)+p, cols·(W+p)+p, C]`` array (C ∈ {1, 3})."""
-    images = images.detach().cpu()
-    images = quantize_to_uint8(images)
-    b, c, h, w = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
-    ncol = math.ceil(b / nrow)
-    grid = np.zeros((ncol * (h + padding) + padding, nrow * (w + padding) + padding, c), np.uint8)
-    for i in range(b):
-        r, col = divmod(i, nrow)
-        y, x = padding + r * (h + padding), padding + col * (w + padding)
-        grid[y : y + h, x : x + w] = images[i].permute(1, 2, 0).numpy()
-    return grid
+    """Images ``[B, C, H, W]`` (C ∈ {1, 3}; float in [-1, 1] or uint8) as one uint8 grid.
+
+    :func:`torchvision.utils.make_grid` on the quantised images (``nrow`` images per row, default
+    ⌈√B⌉; black padding), as an ``[rows·(H+p)+p, cols·(W+p)+p, C]`` array for PNG writers; a
+    single image comes back unpadded, ``[H, W, C]``.
+    """
+    from torchvision.utils import make_grid as torchvision_grid
+
+    images = quantize_to_uint8(images.detach().cpu())
+    b, c = images.shape[:2]
+    grid = torchvision_grid(images, nrow=nrow or max(1, math.ceil(math.sqrt(b))), padding=padding)
+    return grid[:c].permute(1, 2, 0).numpy()  # torchvision repeats one channel to three
 
 
 def save_grid_png(

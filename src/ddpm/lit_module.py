@@ -19,14 +19,6 @@ from ddpm.seeding import gather_rng_states, restore_rng_state, seed_rank_stream
 __all__ = ["DiffusionLitModule", "DivergenceError"]
 
 
-def _drop_compiled_net_keys(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
-) -> None:
-    """Ignore ``_compiled_net._orig_mod.*`` keys (duplicates of ``net.*`` in older checkpoints)."""
-    for key in [k for k in state_dict if k.startswith(f"{prefix}_compiled_net.")]:
-        del state_dict[key]
-
-
 class DivergenceError(RuntimeError):
     """Raised (and caught by ``train``) when the training loss becomes non-finite."""
 
@@ -102,9 +94,8 @@ class DiffusionLitModule(pl.LightningModule):
             self.ema.ema_net.to(memory_format=torch.channels_last)
         # Kept outside the module tree so the state dict has no duplicate `_orig_mod` keys
         # (nn.Module.__setattr__ would register the compiled wrapper as a submodule); it shares
-        # every parameter with `net`. Checkpoints written while it was registered still load.
+        # every parameter with `net`.
         object.__setattr__(self, "_compiled_net", torch.compile(self.net) if compile else None)
-        self.register_load_state_dict_pre_hook(_drop_compiled_net_keys)
         # Running sums of the loss per quartile of t, flushed at each logging step (no per-step sync).
         self.register_buffer("_quartile_sums", torch.zeros(4), persistent=False)
         self.register_buffer("_quartile_counts", torch.zeros(4), persistent=False)
