@@ -33,6 +33,7 @@ from ddpm.dashboard import (
     resolve_sections,
     sample_quality_keys,
 )
+from ddpm.dashboard import cli as dashboard_cli
 from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.metrics.evaluate import sample_quality_names
 from ddpm.tasks.train import run as train
@@ -130,7 +131,7 @@ def test_every_key_a_panel_plots_is_logged_by_a_training_run(recorded):
                 for key, logged in values.items():
                     assert all(isinstance(img, wandb.Image) for v in logged for img in v), key
             elif panel.kind == "table_line":
-                (table,) = run.history[dashboard._chart_table_key(panel.keys[0])]
+                (table,) = run.history[dashboard.chart_table_key(panel.keys[0])]
                 assert isinstance(table, wandb.Table)
                 assert set(panel.fields) <= set(table.columns)
                 assert len(table.data) == int(cfg.schedule.num_timesteps)  # one L_t per t
@@ -262,8 +263,8 @@ def test_cli_refuses_without_credentials_before_any_work(monkeypatch, tmp_path, 
     def forbidden(*args, **kwargs):
         raise AssertionError("nothing may run without credentials")
 
-    monkeypatch.setattr(dashboard, "compose_run_config", forbidden)
-    monkeypatch.setattr(dashboard, "build_workspace", forbidden)
+    monkeypatch.setattr(dashboard_cli, "compose_run_config", forbidden)
+    monkeypatch.setattr(dashboard_cli, "build_workspace", forbidden)
     monkeypatch.setattr(wandb, "Api", forbidden)
     assert dashboard.main(["--entity", "someone", "--project", "p"]) == 1
     err = capsys.readouterr().err
@@ -283,7 +284,7 @@ def test_cli_saves_the_workspace_for_a_sweep_group(monkeypatch, tmp_path, capsys
         "wandb_workspaces.workspaces", reason="the dashboard extra: pip install -e '.[dashboard]'"
     )
     saved = []
-    monkeypatch.setattr(dashboard, "wandb_has_credentials", lambda: True)
+    monkeypatch.setattr(dashboard_cli, "wandb_has_credentials", lambda: True)
     monkeypatch.setattr(ws.Workspace, "save", lambda self: saved.append(self) or self)
     monkeypatch.setattr(ws.Workspace, "url", property(lambda self: "https://wandb.example/view"))
     argv = ["--entity", "me", "--project", "p", "--sweep-group", "quickstart_optuna"]

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from ddpm.diffusion import GaussianDiffusion, make_betas
-from ddpm.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, SamplerSpec, timestep_spacing
+from ddpm.diffusion.sampling import SAMPLERS, SamplerSpec
+from ddpm.diffusion.spacing import DEFAULT_SPACING, timestep_spacing
 
 MU, S, T = 0.3, 0.5, 1000
 N = 20_000  # SE(mean) = s/√N = 0.0035, SE(std) ≈ s/√(2N) = 0.0025

@@ -23,15 +23,9 @@ from ddpm.diffusion.parameterization import (
     X0Parameterization,
     make_parameterization,
 )
-from ddpm.diffusion.sampling import (
-    DEFAULT_SPACING,
-    SAMPLERS,
-    SPACINGS,
-    SamplerSpec,
-    get_sampler,
-    timestep_spacing,
-)
+from ddpm.diffusion.sampling import SAMPLERS, SamplerSpec, get_sampler
 from ddpm.diffusion.schedule import SCHEDULES, make_betas, schedule_tables
+from ddpm.diffusion.spacing import DEFAULT_SPACING, SPACINGS, timestep_spacing
 from ddpm.diffusion.timesteps import (
     TIMESTEP_SAMPLERS,
     EDMLogNormalSampler,

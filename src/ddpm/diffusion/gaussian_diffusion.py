@@ -471,7 +471,7 @@ class GaussianDiffusion(nn.Module):
     ) -> tuple[GaussianDiffusion, torch.Tensor]:
         """A diffusion over ``steps`` of the T timesteps and the original index of each of them.
 
-        The kept timesteps follow ``spacing`` (see :func:`~ddpm.diffusion.sampling.timestep_spacing`;
+        The kept timesteps follow ``spacing`` (see :func:`~ddpm.diffusion.spacing.timestep_spacing`;
         the default ``linspace`` strides evenly from 0 to T−1); the respaced βs are recomputed from
         ᾱ so that ᾱ is unchanged at every kept step: β'ᵢ = 1 − ᾱ[kᵢ]/ᾱ[kᵢ₋₁]. The result is
         cached per (steps, device, dtype, spacing): the :data:`RESPACED_CACHE_SIZE` most recently
@@ -485,7 +485,7 @@ class GaussianDiffusion(nn.Module):
             )
         key = (steps, self.betas.device, self.betas.dtype, spacing)
         if key not in self._respaced:
-            from ddpm.diffusion.sampling import timestep_spacing
+            from ddpm.diffusion.spacing import timestep_spacing
 
             kept = timestep_spacing(self, steps, spacing)
             alphas_cumprod = torch.cumprod(1.0 - self.betas_float64, 0)[kept]
@@ -547,7 +547,7 @@ class GaussianDiffusion(nn.Module):
                 ``ddim``, ``dpmpp_2m``, ``heun``); None is ``ancestral``.
             spacing: timestep spacing (``linspace``, ``uniform``, ``trailing``, ``logsnr``,
                 ``karras``); None is the sampler's default
-                (:data:`~ddpm.diffusion.sampling.DEFAULT_SPACING`).
+                (:data:`~ddpm.diffusion.spacing.DEFAULT_SPACING`).
             callback: called once per step with a dict holding at least ``i`` (step number,
                 0 = noisiest), ``t`` (original timestep), ``x`` (x_t entering the step) and
                 ``pred_x0``.
