@@ -267,6 +267,26 @@ def test_classify_run_statuses(sweep):
     assert no_config.seed == 0
 
 
+def test_run_record_finds_checkpoint_and_saved_bound_terms(sweep, tmp_path):
+    run_dir = sweep / "linear" / "0-eps-simple"
+    record = ablation.classify_run(run_dir)
+    assert record.checkpoint is None and record.nll_terms is None
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (run_dir / "nll").mkdir()
+    for step in (100, 200):
+        (run_dir / "nll" / f"terms_step{step:07d}.npy").write_bytes(b"x")
+    assert record.checkpoint == run_dir / "checkpoints" / "last.ckpt"
+    assert record.nll_terms == run_dir / "nll" / "terms_step0000200.npy"  # newest step
+    # The file metrics.json names wins, where the run wrote it or, copied, under <run>/nll/.
+    elsewhere = tmp_path / "written" / "terms_step0000100.npy"
+    record.metrics = {**(record.metrics or {}), "nll_terms_npy": str(elsewhere)}
+    assert record.nll_terms == run_dir / "nll" / "terms_step0000100.npy"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"x")
+    assert record.nll_terms == elsewhere
+
+
 def test_table_cells(sweep):
     runs = [ablation.classify_run(p) for p in ablation.find_runs(sweep)]
     table = ablation.build_table(runs, baseline=8.0)  # the data-Gaussian baseline of FD

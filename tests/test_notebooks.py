@@ -1,10 +1,11 @@
 """The notebooks: committed clean, and every one executes end to end on the tiny configuration.
 
 The slow test runs each notebook with nbclient in a fresh kernel of this interpreter (a kernelspec
-written to a temporary ``JUPYTER_PATH``, so no installed kernelspec is needed or used), with
-``DDPM_NOTEBOOK_TINY=1`` and ``DDPM_NOTEBOOK_WORKDIR`` pointing at a temporary directory: nothing
-is written to the repository. The fast tests check the committed files and the helpers in
-``ddpm.notebook_utils`` against independent references.
+written to a temporary ``JUPYTER_PATH``, so no installed kernelspec is needed or used), started in
+``notebooks/`` as Jupyter starts it, with ``DDPM_NOTEBOOK_TINY=1`` (``+scale=tiny``) and
+``DDPM_NOTEBOOK_WORKDIR`` pointing at a temporary directory: nothing is written to the repository.
+The fast tests check the committed files, the scale configs the notebooks train with, and the
+helpers in ``notebooks/nbhelpers.py`` against independent references.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm import notebook_utils as nu
+from ddpm import ablation
+from ddpm.configs import compose_config
 from ddpm.diffusion import GaussianDiffusion, make_betas, schedule_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +35,21 @@ NOTEBOOKS = (
 )
 
 
-def _load_strip_module():
-    spec = importlib.util.spec_from_file_location(
-        "strip_outputs", NOTEBOOK_DIR / "strip_outputs.py"
-    )
+def _load_notebook_module(name: str):
+    """``notebooks/<name>.py`` as a module (the notebooks import it from their own folder)."""
+    spec = importlib.util.spec_from_file_location(name, NOTEBOOK_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _load_strip_module():
+    return _load_notebook_module("strip_outputs")
+
+
+nh = _load_notebook_module("nbhelpers")
 
 
 # --------------------------------------------------------------------------- committed files
@@ -89,21 +98,21 @@ def test_strip_outputs_removes_outputs(tmp_path: Path) -> None:
 def test_notebook_settings_reads_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(nu.ENV_TINY, "1")
-    monkeypatch.setenv(nu.ENV_WORKDIR, str(tmp_path))
-    settings = nu.notebook_settings()
+    monkeypatch.setenv(nh.ENV_TINY, "1")
+    monkeypatch.setenv(nh.ENV_WORKDIR, str(tmp_path))
+    settings = nh.notebook_settings()
     assert settings.tiny and settings.workdir == tmp_path.resolve()
     assert settings.device == torch.device("cpu")
-    monkeypatch.setenv(nu.ENV_TINY, "0")
-    monkeypatch.delenv(nu.ENV_WORKDIR)
-    settings = nu.notebook_settings()
+    monkeypatch.setenv(nh.ENV_TINY, "0")
+    monkeypatch.delenv(nh.ENV_WORKDIR)
+    settings = nh.notebook_settings()
     assert not settings.tiny and settings.workdir == ROOT
 
 
 def test_heldout_digits_match_sklearn_and_pad_with_background() -> None:
     from sklearn.datasets import load_digits
 
-    images, labels = nu.heldout_digits(5, (1, 12, 12), offset=2)
+    images, labels = nh.heldout_digits(5, (1, 12, 12), offset=2)
     assert images.shape == (5, 1, 12, 12) and images.dtype == torch.float32
     # Independent reference: the split is RandomState(0).permutation(1797)[1500:].
     index = np.random.RandomState(0).permutation(1797)[1500:][2:7]
@@ -117,7 +126,7 @@ def test_heldout_digits_match_sklearn_and_pad_with_background() -> None:
 
 
 def test_find_latest_checkpoint_prefers_newest(tmp_path: Path) -> None:
-    assert nu.find_latest_checkpoint(tmp_path) is None
+    assert nh.find_latest_checkpoint(tmp_path) is None
     paths = []
     for i, stamp in enumerate(["2026-01-02_00-00-00", "2026-01-01_00-00-00"]):
         path = tmp_path / "logs/train/runs/quickstart" / stamp / "checkpoints/last.ckpt"
@@ -125,17 +134,17 @@ def test_find_latest_checkpoint_prefers_newest(tmp_path: Path) -> None:
         path.write_bytes(b"x")
         os.utime(path, (1000 + i, 1000 + i))
         paths.append(path)
-    assert nu.find_latest_checkpoint(tmp_path) == paths[1]  # newest by time written
-    assert nu.find_latest_checkpoint(tmp_path, "quickstart_tiny") is None
+    assert nh.find_latest_checkpoint(tmp_path) == paths[1]  # newest by time written
+    assert nh.find_latest_checkpoint(tmp_path, "quickstart_tiny") is None
 
 
 def test_per_timestep_losses_zero_network_closed_form() -> None:
     """ε-prediction net ≡ 0: L_simple = ‖ε‖², ε̂ = 0 and x̂₀ = x_t/√ᾱ (clipped for x0_mse)."""
     T, seed = 40, 7
     diffusion = GaussianDiffusion(make_betas("linear", T), "eps", "fixed_large", "simple")
-    x0, _ = nu.heldout_digits(6)
+    x0, _ = nh.heldout_digits(6)
     steps = [0, 13, 39]
-    out = nu.per_timestep_losses(diffusion, lambda x, t: torch.zeros_like(x), x0, steps, seed)
+    out = nh.per_timestep_losses(diffusion, lambda x, t: torch.zeros_like(x), x0, steps, seed)
 
     alpha_bar = schedule_tables(make_betas("linear", T))["alphas_cumprod"].numpy()
     generator = torch.Generator().manual_seed(seed)
@@ -161,7 +170,8 @@ def _write_run(run_dir: Path, metrics: dict, config: str | None = None) -> None:
         (run_dir / ".hydra" / "config.yaml").write_text(config)
 
 
-def test_load_sweep_terms_and_table(tmp_path: Path) -> None:
+def test_sweep_runs_bound_terms_and_table(tmp_path: Path) -> None:
+    """The notebooks read sweeps with the table builder's reader (ddpm.ablation.classify_run)."""
     sweep = tmp_path / "sweep"
     _write_run(
         sweep / "0-eps",
@@ -185,27 +195,63 @@ def test_load_sweep_terms_and_table(tmp_path: Path) -> None:
         {"diverged": True, "global_step": 7, "nll_bpd": 9.0, "schedule": "linear"},
         config="parameterization: {name: mu}\nvariance: {name: learned}\nloss: {name: vlb}\n",
     )
-    runs = nu.load_sweep(sweep)
-    assert [r.name for r in runs] == ["eps-run", "1-mu"]
-    assert [r.objective for r in runs] == ["eps-fixed_large-simple", "mu-learned-vlb"]
+    runs = [ablation.classify_run(path) for path in ablation.find_runs(sweep)]
+    assert [r.path.name for r in runs] == ["0-eps", "1-mu"]
+    # The objective from metrics.json, else (no "diffusion" key) from .hydra/config.yaml.
+    assert [(r.parameterization, r.variance, r.loss) for r in runs] == [
+        ("eps", "fixed_large", "simple"),
+        ("mu", "learned", "vlb"),
+    ]
+    assert [r.status for r in runs] == ["ok", "unstable"]
     assert runs[0].checkpoint is None and runs[1].nll_terms is None
-    np.testing.assert_array_equal(nu.bound_terms_bpd(runs[0]), terms)
-    assert nu.bound_terms_bpd(runs[1]) is None
+    np.testing.assert_array_equal(nh.bound_terms_bpd(runs[0]), terms)
+    assert nh.bound_terms_bpd(runs[1]) is None
 
     # The table comes from ddpm.ablation, rendered without writing into the sweep directory.
-    table = nu.ablation_markdown(sweep)
+    table = nh.ablation_markdown(runs, sweep)
     assert table is not None and not (sweep / "ablation.md").exists()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if "prediction" in line}
     assert "3.500" in rows["ε prediction, ‖ε̃ − ε_θ‖² (L_simple)"]
     mu_row = rows["μ̃ prediction, L, learned diagonal Σ"]
     assert "9.000" not in mu_row and "–" in mu_row  # diverged: marked, its numbers hidden
     with pytest.raises(FileNotFoundError):
-        nu.load_sweep(tmp_path / "missing")
+        ablation.find_runs(tmp_path / "missing")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert nu.ablation_markdown(empty) is None
+    assert nh.ablation_markdown([], empty) is None
     (empty / "ablation.md").write_text("| committed |\n")
-    assert nu.ablation_markdown(empty) == "| committed |\n"
+    assert nh.ablation_markdown([], empty) == "| committed |\n"
+
+
+# --------------------------------------------------------------------------- scale configs
+@pytest.mark.parametrize("experiment", nh.DEMO_SWEEP_RUNS)
+def test_demo_scale_is_the_demo_sweep_of_03_ablation(experiment: str) -> None:
+    """``+scale=demo``: digits, tiny UNet, T = 200, 400 steps of batch 64, NLL on 64 digits, CSV."""
+    cfg = compose_config([f"experiment={experiment}", "+scale=demo", "logger=csv"])
+    assert cfg.data._target_ == "ddpm.data.DigitsDataModule" and cfg.data.batch_size == 64
+    assert cfg.model.base_channels == 16 and list(cfg.model.channel_mult) == [1, 2]  # model=tiny
+    assert cfg.schedule.num_timesteps == 200
+    assert (cfg.trainer.accelerator, cfg.trainer.max_steps) == ("cpu", 400)
+    assert cfg.callbacks.model_checkpoint.every_n_train_steps == 400
+    assert (cfg.module.lr_warmup_steps, cfg.module.ema_decay, cfg.optimizer.lr) == (50, 0.99, 1e-3)
+    assert (cfg.callbacks.nll.num_images, cfg.callbacks.nll.estimator) == (64, "full")
+    assert cfg.callbacks.nll.on_train_end and not cfg.callbacks.sample_quality.on_train_end
+    assert (
+        cfg.callbacks.sample_grid.sampler == "ancestral" and cfg.callbacks.sample_grid.steps is None
+    )
+    assert list(cfg.logger) == ["csv"]
+    # The experiment still sets the objective: the scale only sizes the run.
+    assert cfg.parameterization.name == experiment.split("_")[1]
+
+
+def test_tiny_quickstart_of_the_notebooks_composes() -> None:
+    """The tiny mode's quickstart: +scale=tiny wins over experiment=quickstart's sizes."""
+    cfg = compose_config(
+        ["experiment=quickstart", "run_name=quickstart_tiny", "+scale=tiny", "logger=csv"]
+    )
+    assert cfg.run_name == "quickstart_tiny" and cfg.schedule.num_timesteps == 50
+    assert (cfg.trainer.max_steps, cfg.data.batch_size, cfg.model.base_channels) == (3, 16, 16)
+    assert cfg.callbacks.model_checkpoint.save_last and list(cfg.logger) == ["csv"]
 
 
 # --------------------------------------------------------------------------- execution
@@ -244,10 +290,11 @@ def test_notebook_executes_in_tiny_mode(
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
-    monkeypatch.setenv(nu.ENV_TINY, "1")
-    monkeypatch.setenv(nu.ENV_WORKDIR, str(workdir))
+    monkeypatch.setenv(nh.ENV_TINY, "1")
+    monkeypatch.setenv(nh.ENV_WORKDIR, str(workdir))
     monkeypatch.delenv("DDPM_NOTEBOOK_SWEEP_DIR", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # modest CPU use; oversubscribed OpenMP crawls
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # no __pycache__ of nbhelpers in notebooks/
     watched = [ROOT / "logs" / "train" / "runs" / "quickstart_tiny", ROOT / "logs" / "notebooks"]
     watched.append(NOTEBOOK_DIR)
     before = _snapshot(watched)
@@ -257,7 +304,7 @@ def test_notebook_executes_in_tiny_mode(
         nb,
         timeout=600,
         kernel_name=_kernelspec(tmp_path),
-        resources={"metadata": {"path": str(workdir)}},
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},  # the kernel's cwd, as in Jupyter
     )
     client.execute()  # raises CellExecutionError with the cell's traceback on any error
 

@@ -73,6 +73,27 @@ class RunRecord:
             return None
         return (self.parameterization, self.variance, self.loss, self.weighting, self.variant)  # type: ignore[return-value]
 
+    @property
+    def checkpoint(self) -> Path | None:
+        """The run's ``checkpoints/last.ckpt``, or None (committed results keep no checkpoints)."""
+        path = self.path / "checkpoints" / "last.ckpt"
+        return path if path.is_file() else None
+
+    @property
+    def nll_terms(self) -> Path | None:
+        """The saved per-timestep bound terms (``.npy``, float ``[T]``, bits/dim), or None.
+
+        ``nll_terms_npy`` of ``metrics.json`` names the file where the run wrote it; a run copied
+        elsewhere (committed results) has it under ``<run>/nll/`` only, newest step last.
+        """
+        saved = (self.metrics or {}).get("nll_terms_npy")
+        if isinstance(saved, str) and saved:
+            for candidate in (Path(saved), self.path / "nll" / Path(saved).name):
+                if candidate.is_file():
+                    return candidate
+        found = sorted((self.path / "nll").glob("terms_step*.npy"))
+        return found[-1] if found else None
+
 
 def _is_run_dir(path: Path) -> bool:
     return (path / "metrics.json").is_file() or (path / ".hydra" / "config.yaml").is_file()
