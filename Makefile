@@ -37,12 +37,12 @@ test-all: $(STAMP_EXTRAS)  ## fast and slow tests
 	$(PY) -m pytest -q -m "slow or not slow"
 
 lint: install  ## ruff format check and lint
-	$(VENV)/bin/ruff format --check src tests bench
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench notebooks/*.py
+	$(VENV)/bin/ruff check src tests bench notebooks/*.py
 
 format: install  ## ruff format and autofix
-	$(VENV)/bin/ruff format src tests bench
-	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench notebooks/*.py
+	$(VENV)/bin/ruff check --fix src tests bench notebooks/*.py
 
 # ---------------------------------------------------------------- Table 2 ablation (docs/ablation.md)
 comma := ,
