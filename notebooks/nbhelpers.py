@@ -1,6 +1,6 @@
 """What the notebooks in this folder need to set up, plot and find runs; not part of the package.
 
-The notebooks import it as ``import nbhelpers as nb`` (Jupyter starts their kernel in this
+The notebooks import it as ``import nbhelpers as nh`` (Jupyter starts their kernel in this
 folder; ``tests/test_notebooks.py`` does the same). Sweeps are read with the table builder's
 reader, :func:`ddpm.ablation.find_runs` and :func:`ddpm.ablation.classify_run`.
 

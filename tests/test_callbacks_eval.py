@@ -215,6 +215,28 @@ def test_periodic_evaluation_runs_once_per_step(tmp_path: Path) -> None:
     assert calls == [2, 4]  # on_train_end at step 4 is skipped: already evaluated there
 
 
+def test_an_unscheduled_callback_costs_nothing_in_fit_and_evaluates_on_demand(
+    tmp_path: Path,
+) -> None:
+    """No feature network is built while it is off, and evaluate() then builds one and gives
+    what evaluate_sample_quality gives for the same round."""
+    quality = SampleQualityCallback(
+        num_samples=6, batch_size=6, sampler="ddim", steps=2, on_train_end=False,
+        cache_dir=str(tmp_path / "cache"), progress=False,
+    )  # fmt: skip
+    trainer = _trainer(tmp_path, [], max_steps=1)
+    trainer.callbacks.append(quality)
+    module, datamodule = _module(), DigitsDataModule(batch_size=16)
+    trainer.fit(module, datamodule=datamodule)
+    assert quality.extractor is None and quality.last_metrics == {}
+    got = quality.evaluate(trainer, module)
+    expected = evaluate_sample_quality(
+        module.diffusion, module.ema_net, datamodule, num_samples=6, batch_size=6,
+        sampler=SamplerSpec("ddim", 2), round_idx=1, cache_dir=tmp_path / "cache", progress=False,
+    )  # fmt: skip
+    assert got == {"fd_digits_6_ddim2": pytest.approx(expected["fd_digits_6_ddim2"], rel=1e-9)}
+
+
 def test_missing_inception_weights_warn_once_and_training_continues(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -145,7 +145,12 @@ class SampleQualityCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # An unscheduled callback (e.g. periodic evaluation switched off) costs nothing: no
         # feature network, no reference statistics. evaluate() still builds them on demand.
-        if self.extractor is not None or self.disabled or (stage == "fit" and not self.scheduled):
+        if stage != "fit" or self.scheduled:
+            self._build_extractor(trainer)
+
+    def _build_extractor(self, trainer: pl.Trainer) -> None:
+        """The feature network on every rank (collective); disables the callback without it."""
+        if self.extractor is not None or self.disabled:
             return
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "reference_dataset"):
@@ -244,10 +249,9 @@ class SampleQualityCallback(pl.Callback):
         step = trainer.global_step
         if self.disabled or self._last_step == step:
             return {}
-        if self.extractor is None:  # used outside fit (setup not called yet)
-            self.setup(trainer, pl_module, "fit")
-            if self.disabled:
-                return {}
+        self._build_extractor(trainer)  # a no-op after setup; needed when called directly
+        if self.disabled:
+            return {}
         assert self.extractor is not None and self.kind is not None
         self._last_step = step
         diffusion = unwrap_diffusion(pl_module)

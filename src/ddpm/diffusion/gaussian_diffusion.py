@@ -12,7 +12,6 @@ parameterisation's preconditioned input (x_t itself, except for EDM's c_in x).
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,7 +28,7 @@ from ddpm.diffusion.losses import Loss, make_loss
 from ddpm.diffusion.parameterization import Parameterization, make_parameterization
 from ddpm.diffusion.schedule import schedule_tables
 from ddpm.diffusion.variance import Variance, make_variance
-from ddpm.diffusion.weighting import ELBOWeighting, Weighting, log_snr, make_weighting
+from ddpm.diffusion.weighting import Weighting, effective_weighting, make_weighting
 
 __all__ = ["GaussianDiffusion", "Net"]
 
@@ -37,23 +36,6 @@ Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: How many respaced children (:meth:`GaussianDiffusion.respaced`) a diffusion keeps, by recency.
 RESPACED_CACHE_SIZE = 8
-
-
-def _collapsed_strata_stderr(y: torch.Tensor) -> torch.Tensor:
-    """√(Σ_G g/(g−1) Σ_{k∈G}(Yₖ − Ȳ_G)²) ``[B]`` over consecutive groups of 2 (last of 3 if odd).
-
-    ``y [B, M]`` are the weighted stratum estimates; NaN when M < 2 (nothing to pair).
-    """
-    m = y.shape[1]
-    if m < 2:
-        return torch.full(y.shape[:1], float("nan"), device=y.device, dtype=y.dtype)
-    edges = [*range(0, m - 1, 2), m]  # pairs; an odd M makes the last group a triple
-    var = torch.zeros(y.shape[0], device=y.device, dtype=y.dtype)
-    for lo, hi in itertools.pairwise(edges):
-        group = y[:, lo:hi]
-        g = hi - lo
-        var = var + g / (g - 1) * (group - group.mean(dim=1, keepdim=True)).square().sum(dim=1)
-    return var.sqrt()
 
 
 class GaussianDiffusion(nn.Module):
@@ -247,60 +229,10 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------------------------ objectives
     def effective_weighting(self, timestep_sampler: Any | None = None) -> dict[str, torch.Tensor]:
-        """What the configured objective weights, per timestep: the weight on the ε-MSE of the
-        mean and the density of t (and so of λ) it is applied with.
-
-        The training objective is Σₜ density(t) · weight(t) · E‖ε − ε̂‖²/dims (+ terms that do not
-        train the mean). ``weight``: for ``loss=simple`` the weighting's w(t), or with
-        ``weighting=none`` the weight the parameterisation's plain MSE implies (ε 1, x₀ 1/SNR,
-        v 1/ᾱ, μ̃ β²/(α(1−ᾱ))); for ``loss=vlb`` the bound's weight (bits/dim, fixed variances
-        only); for ``loss=hybrid`` the L_simple part (its bound term has the mean detached).
-        ``density``: 1/T for the uniform sampler and for samplers that reweight the loss by
-        1/(T p(t)) (the loss-second-moment sampler: its objective is the uniform one); p(t) for a
-        sampler with ``importance_weighted = False``.
-
-        Returns:
-            float64 host tensors ``[T]``: ``t`` (index), ``log_snr`` (λₜ), ``weight``,
-            ``density`` (of t), ``effective`` (= weight · density), ``log_snr_density`` (the
-            density of λ, density(t)/|dλ/dt| with central differences; 0 next to SNR = 0) and
-            ``effective_log_snr`` (= weight · log_snr_density: the objective's weight per unit
-            of λ, what Kingma & Gao plot to compare objectives).
-
-        Raises:
-            ValueError: ``loss=vlb`` with a learned variance (its weight depends on the learned
-                σ).
-            NotImplementedError: a parameterisation that does not define ``eps_weight``.
-        """
-        if self.loss.name == "vlb" and self.variance.learned:
-            raise ValueError(
-                f"loss=vlb with variance={self.variance.name}: the bound's weight on the "
-                "ε-MSE depends on the learned variance; use a fixed variance"
-            )
-        # loss=vlb is the ELBO weighting; simple and hybrid (whose bound term has the mean
-        # detached) train the mean with the configured weighting, `none` being the plain MSE.
-        weight = (ELBOWeighting() if self.loss.name == "vlb" else self.weighting).table(self)
-        T = self.num_timesteps
-        density = torch.full((T,), 1.0 / T, dtype=torch.float64)
-        if timestep_sampler is not None and not getattr(
-            timestep_sampler, "importance_weighted", True
-        ):
-            density = timestep_sampler.probabilities(torch.device("cpu")).double()
-        lam = log_snr(torch.cumprod(1.0 - self.betas_float64, 0))
-        # |dλ/dt| per step, central differences (one-sided at the ends; ∞ next to SNR = 0).
-        step = torch.cat([lam[:1] - lam[1:2], (lam[:-2] - lam[2:]) / 2, lam[-2:-1] - lam[-1:]])
-        log_snr_density = density / step
-        effective = weight * density
-        return {
-            "t": torch.arange(T),
-            "log_snr": lam,
-            "weight": weight,
-            "density": density,
-            "effective": effective,
-            "log_snr_density": log_snr_density,
-            "effective_log_snr": torch.where(
-                log_snr_density > 0, weight * log_snr_density, torch.zeros_like(weight)
-            ),
-        }
+        """What the configured objective weights per timestep: the weight on the ε-MSE of the
+        mean and the density of t (and λ), as float64 host tensors ``[T]``
+        (:func:`~ddpm.diffusion.weighting.effective_weighting`)."""
+        return effective_weighting(self, timestep_sampler)
 
     def training_losses(
         self,
@@ -351,7 +283,6 @@ class GaussianDiffusion(nn.Module):
         zeros = torch.zeros_like(mean)
         return mean_flat_bpd(normal_kl(mean, log_variance, zeros, zeros))
 
-    @torch.no_grad()
     def nll_bpd(
         self,
         net: Net,
@@ -359,44 +290,21 @@ class GaussianDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """The full variational bound on −log p(x0) in bits/dim.
-
-        Each term uses a fresh x_t ~ q(x_t | x0) drawn from ``generator`` (from T−1 down to 0).
+        """The full variational bound on −log p(x0) in bits/dim (:func:`~ddpm.diffusion.bound.full_bound`).
 
         Returns:
-            ``total [B]`` (sum of every term plus the prior), ``terms [B, T]`` (Lₜ per timestep
-            index, decoder NLL at index 0) and ``prior [B]``.
+            ``total [B]``, ``terms [B, T]`` (decoder NLL at index 0) and ``prior [B]``.
         """
-        batch = x0.shape[0]
-        terms = torch.empty(batch, self.num_timesteps, device=x0.device, dtype=x0.dtype)
-        steps = range(self.num_timesteps - 1, -1, -1)
-        if progress:
-            from tqdm.auto import tqdm
+        from ddpm.diffusion.bound import full_bound
 
-            steps = tqdm(steps, desc="bits/dim", leave=False)
-        all_t = torch.arange(self.num_timesteps, device=x0.device)
-        for i in steps:
-            t = all_t[i].expand(batch)
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            x_t = self.q_sample(x0, t, noise)
-            terms[:, i] = self.vlb_term_bpd(net, x0, x_t, t)
-        prior = self.prior_bpd(x0)
-        return {"total": terms.sum(dim=1) + prior, "terms": terms, "prior": prior}
+        return full_bound(self, net, x0, generator=generator, progress=progress)
 
     def stratum_bounds(self, num_terms: int) -> torch.Tensor:
-        """Edges ``[K+1]`` of the K strata of :meth:`nll_bpd_stratified` (host LongTensor).
+        """Edges ``[K+1]`` of the K strata of :meth:`nll_bpd_stratified` (host LongTensor)."""
+        from ddpm.diffusion.bound import stratum_bounds
 
-        Stratum 0 is always {0} alone: the decoder term L₀ is orders of magnitude larger than a
-        KL term, so letting it be drawn with probability 1/n and weight n would dominate the
-        variance. The other K−1 strata split 1…T−1 into nearly equal contiguous ranges.
-        """
-        T, K = self.num_timesteps, int(num_terms)
-        if not 2 <= K <= T:
-            raise ValueError(f"num_terms={K}: choose between 2 and num_timesteps={T}")
-        rest = torch.linspace(1, T, K, dtype=torch.float64).round().long()
-        return torch.cat([torch.zeros(1, dtype=torch.long), rest])
+        return stratum_bounds(self.num_timesteps, num_terms)
 
-    @torch.no_grad()
     def nll_bpd_stratified(
         self,
         net: Net,
@@ -404,66 +312,16 @@ class GaussianDiffusion(nn.Module):
         num_terms: int,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """An unbiased estimate of the full bound (:meth:`nll_bpd`) from K ≪ T terms per image.
-
-        range(T) is split into K contiguous strata (:meth:`stratum_bounds`: {0}, then K−1 nearly
-        equal ranges of 1…T−1). For each image and stratum k of size nₖ one tₖ is drawn uniformly
-        in the stratum and one x_t ~ q(x_t | x0), and the estimate is Σₖ nₖ L_{tₖ} + L_T: each
-        term is unbiased for its stratum's sum, so the total is unbiased for the full bound.
-
-        Randomness, all from ``generator``: first the within-stratum offsets ``[B, K]`` (skipped
-        when every stratum has one timestep, K = T), then one noise tensor per stratum from the
-        last stratum down, the order :meth:`nll_bpd` uses, so with K = T the noise of term t is
-        the one :meth:`nll_bpd` draws and the two totals agree to rounding.
-
-        Standard error (per image, conditional on the image): with one draw per stratum the
-        within-stratum variance cannot be estimated directly, so the strata 1…K−1 are collapsed
-        into consecutive groups of two (three for the last group when K−1 is odd) and
-        Var ≈ Σ_groups g/(g−1) Σ_{k∈G} (Yₖ − Ȳ_G)², Yₖ = nₖ L_{tₖ} (for a pair: (Y₁ − Y₂)²).
-        This is the standard collapsed-strata estimator: it over-estimates by the spread of the
-        neighbouring strata means, which is small where Lₜ varies smoothly in t. Stratum {0}
-        varies only through ε and is left out. For the mean over a data set, report the standard
-        error across images, ``total.std() / √B``, which also contains this noise.
-
-        Args:
-            net: the (EMA) network.
-            x0: data ``[B, C, H, W]`` on the 256-level grid in [-1, 1].
-            num_terms: K, between 2 and T (network evaluations per image).
-            generator: the only source of randomness (on ``x0``'s device).
+        """An unbiased estimate of the bound from K ≪ T terms per image, with its standard error
+        (:func:`~ddpm.diffusion.bound.stratified_bound`).
 
         Returns:
-            ``total [B]`` (bits/dim), ``stderr [B]`` (bits/dim, the collapsed-strata estimate;
-            NaN when K = 2, one non-trivial stratum), ``t [B, K]`` (the drawn timesteps),
-            ``terms [B, K]`` (L_{tₖ} in bits/dim, unweighted), ``weights [K]`` (nₖ) and
-            ``prior [B]``.
+            ``total [B]``, ``stderr [B]`` (bits/dim), ``t [B, K]``, ``terms [B, K]``,
+            ``weights [K]`` and ``prior [B]``.
         """
-        batch, device = x0.shape[0], x0.device
-        edges = self.stratum_bounds(num_terms)
-        sizes = edges[1:] - edges[:-1]
-        K = sizes.numel()
-        starts, sizes_dev = edges[:-1].to(device), sizes.to(device)
-        if bool((sizes > 1).any()):
-            u = torch.rand(batch, K, generator=generator, device=device, dtype=torch.float64)
-            offsets = torch.minimum((u * sizes_dev).floor().long(), sizes_dev - 1)
-        else:
-            offsets = torch.zeros(batch, K, dtype=torch.long, device=device)
-        t_all = starts + offsets
-        terms = torch.empty(batch, K, device=device, dtype=x0.dtype)
-        for k in range(K - 1, -1, -1):
-            t = t_all[:, k]
-            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-            terms[:, k] = self.vlb_term_bpd(net, x0, self.q_sample(x0, t, noise), t)
-        weights = sizes_dev.to(x0.dtype)
-        weighted = terms * weights
-        prior = self.prior_bpd(x0)
-        return {
-            "total": weighted.sum(dim=1) + prior,
-            "stderr": _collapsed_strata_stderr(weighted[:, 1:]),
-            "t": t_all,
-            "terms": terms,
-            "weights": weights,
-            "prior": prior,
-        }
+        from ddpm.diffusion.bound import stratified_bound
+
+        return stratified_bound(self, net, x0, num_terms, generator=generator)
 
     # ------------------------------------------------------------------ sampling
     def respaced(

@@ -43,6 +43,7 @@ __all__ = [
     "P2Weighting",
     "SigmoidWeighting",
     "Weighting",
+    "effective_weighting",
     "log_snr",
     "make_weighting",
     "snr",
@@ -196,3 +197,60 @@ def _fixed_log_variance(d: GaussianDiffusion) -> torch.Tensor:
         f"weighting=elbo needs a fixed variance, not variance={d.variance.name}; use "
         "variance=fixed_large or variance=fixed_small"
     )
+
+
+def effective_weighting(
+    d: GaussianDiffusion, timestep_sampler: Any | None = None
+) -> dict[str, torch.Tensor]:
+    """What the configured objective weights, per timestep: the weight on the ε-MSE of the
+    mean and the density of t (and so of λ) it is applied with.
+
+    The training objective is Σₜ density(t) · weight(t) · E‖ε − ε̂‖²/dims (+ terms that do not
+    train the mean). ``weight``: for ``loss=simple`` the weighting's w(t), or with
+    ``weighting=none`` the weight the parameterisation's plain MSE implies (ε 1, x₀ 1/SNR,
+    v 1/ᾱ, μ̃ β²/(α(1−ᾱ))); for ``loss=vlb`` the bound's weight (bits/dim, fixed variances
+    only); for ``loss=hybrid`` the L_simple part (its bound term has the mean detached).
+    ``density``: 1/T for the uniform sampler and for samplers that reweight the loss by
+    1/(T p(t)) (the loss-second-moment sampler: its objective is the uniform one); p(t) for a
+    sampler with ``importance_weighted = False``.
+
+    Returns:
+        float64 host tensors ``[T]``: ``t`` (index), ``log_snr`` (λₜ), ``weight``,
+        ``density`` (of t), ``effective`` (= weight · density), ``log_snr_density`` (the
+        density of λ, density(t)/|dλ/dt| with central differences; 0 next to SNR = 0) and
+        ``effective_log_snr`` (= weight · log_snr_density: the objective's weight per unit
+        of λ, what Kingma & Gao plot to compare objectives).
+
+    Raises:
+        ValueError: ``loss=vlb`` with a learned variance (its weight depends on the learned
+            σ).
+        NotImplementedError: a parameterisation that does not define ``eps_weight``.
+    """
+    if d.loss.name == "vlb" and d.variance.learned:
+        raise ValueError(
+            f"loss=vlb with variance={d.variance.name}: the bound's weight on the "
+            "ε-MSE depends on the learned variance; use a fixed variance"
+        )
+    # loss=vlb is the ELBO weighting; simple and hybrid (whose bound term has the mean
+    # detached) train the mean with the configured weighting, `none` being the plain MSE.
+    weight = (ELBOWeighting() if d.loss.name == "vlb" else d.weighting).table(d)
+    T = d.num_timesteps
+    density = torch.full((T,), 1.0 / T, dtype=torch.float64)
+    if timestep_sampler is not None and not getattr(timestep_sampler, "importance_weighted", True):
+        density = timestep_sampler.probabilities(torch.device("cpu")).double()
+    lam = log_snr(torch.cumprod(1.0 - d.betas_float64, 0))
+    # |dλ/dt| per step, central differences (one-sided at the ends; ∞ next to SNR = 0).
+    step = torch.cat([lam[:1] - lam[1:2], (lam[:-2] - lam[2:]) / 2, lam[-2:-1] - lam[-1:]])
+    log_snr_density = density / step
+    effective = weight * density
+    return {
+        "t": torch.arange(T),
+        "log_snr": lam,
+        "weight": weight,
+        "density": density,
+        "effective": effective,
+        "log_snr_density": log_snr_density,
+        "effective_log_snr": torch.where(
+            log_snr_density > 0, weight * log_snr_density, torch.zeros_like(weight)
+        ),
+    }
