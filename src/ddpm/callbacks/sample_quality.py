@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -19,7 +18,6 @@ from ddpm.metrics.evaluate import (
 )
 from ddpm.metrics.features import FeatureExtractor
 from ddpm.metrics.inception import InceptionWeightsUnavailable
-from ddpm.metrics.reference import dataset_name_of, reference_statistics
 
 __all__ = ["SampleQualityCallback"]
 
@@ -131,7 +129,6 @@ class SampleQualityCallback(pl.Callback):
         self.disabled = False
         self.kind: str | None = None
         self.extractor: FeatureExtractor | None = None
-        self._reference: tuple[np.ndarray, np.ndarray] | None = None
         self.quality: SampleQuality | None = None
         self._last_step: int | None = None
         self.last_metrics: dict[str, float] = {}
@@ -215,28 +212,21 @@ class SampleQualityCallback(pl.Callback):
     def _metrics(self, trainer: pl.Trainer, num_timesteps: int) -> SampleQuality:
         """The metrics, built once per setup (the reference statistics come from their cache)."""
         if self.quality is None:
-            datamodule = trainer.datamodule
             assert self.extractor is not None and self.kind is not None
-            if self._reference is None:
-                self._reference = reference_statistics(
-                    datamodule.reference_dataset(),
-                    self.extractor,
-                    dataset_name=dataset_name_of(datamodule),
-                    cache_dir=self.cache_dir,
-                    batch_size=self.reference_batch_size,
-                    progress=self.progress,
-                    strategy=trainer.strategy,
-                )
-            self.quality = SampleQuality(
+            self.quality = SampleQuality.for_datamodule(
+                trainer.datamodule,
                 self.kind,
                 self.extractor,
-                self._reference,
                 num_samples=self.num_samples,
                 sampler=self.sampler,
                 num_timesteps=num_timesteps,
                 compute_is=self.compute_is,
                 is_splits=self.is_splits,
                 feature_batch_size=self.feature_batch_size,
+                reference_batch_size=self.reference_batch_size,
+                cache_dir=self.cache_dir,
+                progress=self.progress,
+                strategy=trainer.strategy,
             )
         return self.quality
 

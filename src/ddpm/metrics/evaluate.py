@@ -216,6 +216,50 @@ class SampleQuality:
         for metric in self._metrics():
             metric.to(extractor.device)
 
+    @classmethod
+    def for_datamodule(
+        cls,
+        datamodule: Any,
+        kind: str,
+        extractor: FeatureExtractor,
+        *,
+        num_samples: int,
+        sampler: SamplerSpec | None,
+        num_timesteps: int,
+        compute_is: bool = True,
+        is_splits: int = 10,
+        feature_batch_size: int = 100,
+        reference_batch_size: int = 100,
+        cache_dir: str | os.PathLike[str] | None = None,
+        progress: bool = True,
+        strategy: Collective | None = None,
+    ) -> SampleQuality:
+        """The protocol's metrics against ``datamodule.reference_dataset()`` (collective).
+
+        The reference statistics come from their cache or are computed, sharded
+        (:func:`~ddpm.metrics.reference.reference_statistics`).
+        """
+        reference = reference_statistics(
+            datamodule.reference_dataset(),
+            extractor,
+            dataset_name=dataset_name_of(datamodule),
+            cache_dir=cache_dir,
+            batch_size=reference_batch_size,
+            progress=progress,
+            strategy=strategy,
+        )
+        return cls(
+            kind,
+            extractor,
+            reference,
+            num_samples=num_samples,
+            sampler=sampler,
+            num_timesteps=num_timesteps,
+            compute_is=compute_is,
+            is_splits=is_splits,
+            feature_batch_size=feature_batch_size,
+        )
+
     def _metrics(self) -> list[Any]:
         return [m for m in (self.fd, self.inception_score, self.nonfinite) if m is not None]
 
@@ -399,25 +443,20 @@ def evaluate_sample_quality(
         allow_download=allow_download,
         strategy=strategy,
     )
-    reference = reference_statistics(
-        datamodule.reference_dataset(),
-        extractor,
-        dataset_name=dataset_name_of(datamodule),
-        cache_dir=cache_dir,
-        batch_size=reference_batch_size,
-        progress=progress,
-        strategy=strategy,
-    )
-    quality = SampleQuality(
+    quality = SampleQuality.for_datamodule(
+        datamodule,
         kind,
         extractor,
-        reference,
         num_samples=num_samples,
         sampler=sampler,
         num_timesteps=diffusion.num_timesteps,  # type: ignore[arg-type]
         compute_is=compute_is,
         is_splits=is_splits,
         feature_batch_size=feature_batch_size,
+        reference_batch_size=reference_batch_size,
+        cache_dir=cache_dir,
+        progress=progress,
+        strategy=strategy,
     )
     return run_sample_quality(
         diffusion,
