@@ -35,7 +35,8 @@ def pixel_moments(dataset: Dataset, batch_size: int = 500) -> tuple[np.ndarray, 
     moments: FeatureMoments | None = None
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         pixels = (batch[0] if isinstance(batch, (list, tuple)) else batch).flatten(1)
-        moments = moments or FeatureMoments(pixels.shape[1])
+        if moments is None:
+            moments = FeatureMoments(pixels.shape[1])
         moments.update(features=pixels)
     if moments is None:
         raise ValueError("pixel_moments of an empty dataset")

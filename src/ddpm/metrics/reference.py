@@ -207,9 +207,10 @@ def reference_statistics(
     """
     strategy = single_process(strategy, extractor.device)
     rank = strategy.global_rank
-    meta = _expected_meta(dataset, extractor, dataset_name)
-    path = _cache_path(default_cache_dir(cache_dir), meta)
-    cached = _load_if_valid(path, meta) if rank == 0 else None
+    # Only rank 0 fingerprints the data (a hash of every image) and reads or writes the cache.
+    meta = _expected_meta(dataset, extractor, dataset_name) if rank == 0 else {}
+    path = _cache_path(default_cache_dir(cache_dir), meta) if rank == 0 else None
+    cached = _load_if_valid(path, meta) if path is not None else None
     cached = strategy.broadcast(cached, src=0)
     if cached is not None:
         return cached
@@ -221,10 +222,10 @@ def reference_statistics(
         rank=rank,
         world_size=strategy.world_size,
         progress=progress and rank == 0,
-        expected_count=meta["num_images"],
+        expected_count=len(dataset),  # type: ignore[arg-type]
     )
     mu, sigma = moments.compute()
-    if rank == 0:
+    if path is not None:
         _save_atomic(path, mu, sigma, meta)
         log.info("cached reference statistics at %s", path)
     return mu, sigma
