@@ -50,16 +50,14 @@ comma := ,
 ABLATION_EXPERIMENTS := table2_mu_vlb_learned,table2_mu_vlb_fixed,table2_mu_simple,table2_eps_vlb_learned,table2_eps_vlb_fixed,table2_eps_simple,ext_x0_simple,ext_v_simple,ext_eps_hybrid_learned_range
 # The objectives-as-weightings rows (docs/objectives.md), compared with table2_eps_simple.
 OBJECTIVE_EXPERIMENTS := obj_eps_min_snr,obj_v_min_snr,obj_eps_p2,obj_v_sigmoid,obj_edm,obj_v_zero_snr
-# `make objectives-cpu` runs these groups as parallel streams (space-separated; one thread each).
 OBJECTIVE_SEEDS ?= 0,1,2
-OBJECTIVE_STREAMS ?= obj_edm,obj_v_zero_snr,obj_eps_min_snr,table2_eps_simple obj_v_min_snr,obj_eps_p2,obj_v_sigmoid
 SCHEDULES ?= linear,cosine
 SEEDS ?= 0
 # Extra Hydra overrides, e.g. ABLATION_ARGS='hydra/launcher=submitit_slurm trainer=ddp'.
 ABLATION_ARGS ?=
 # Arguments of `python -m ddpm.ablation` (W&B table: offline without credentials).
 TABLE_ARGS ?= --wandb
-# Threads per training process of `make ablation-cpu` (one process per schedule runs in parallel).
+# Threads per training process of `make ablation-cpu` (CPU_STREAMS processes run in parallel).
 CPU_THREADS ?= 1
 # Keep freed memory in the heap, so glibc does not return the sampler's batch activations to the
 # OS after every step (the page faults would slow the evaluation).
@@ -74,15 +72,25 @@ ablation: install  ## Table 2 at paper scale on CIFAR-10 (GPU cluster): SEEDS=0,
 		+scale=paper resume=true hydra.sweep.dir=$$dir $(ABLATION_ARGS) || status=$$?; \
 	$(PY) -m ddpm.ablation $$dir $(TABLE_ARGS); exit $$status
 
-ablation-cpu: install  ## Table 2 on the embedded digits, 2 CPU cores (~50 min per seed), then the table
+# The CPU study (docs/results/study.md): every objective row on the embedded digits, CPU_SEEDS
+# seeds each, the rows dealt round-robin into CPU_STREAMS parallel streams of one thread each
+# (the baseline ε + L_simple first, so every stream can pair with it as soon as possible).
+CPU_EXPERIMENTS ?= table2_eps_simple,$(subst table2_eps_simple$(comma),,$(ABLATION_EXPERIMENTS)),$(OBJECTIVE_EXPERIMENTS)
+CPU_SCHEDULES ?= linear
+CPU_SEEDS ?= 0,1,2,3,4
+CPU_STREAMS ?= 2
+
+ablation-cpu: install  ## the CPU study: every row, linear, 5 seeds, on 2 cores (resumable), then the table
 	@dir=$(or $(SWEEP),logs/ablation_cpu/multiruns/$(NOW)); mkdir -p $$dir; echo "sweep: $$dir (after a crash: make ablation-cpu SWEEP=$$dir)"; \
 	start=$$(date +%s); pids=""; status=0; \
 	trap 'kill $$pids 2>/dev/null; exit 130' INT TERM; \
-	for schedule in $(subst $(comma), ,$(SCHEDULES)); do \
-		echo "schedule=$$schedule: $$dir/$$schedule (log: $$dir/$$schedule.log)"; \
-		OMP_NUM_THREADS=$(CPU_THREADS) $(CPU_MALLOC) $(PY) src/train.py -m experiment=$(ABLATION_EXPERIMENTS) \
-			schedule=$$schedule seed=$(SEEDS) +scale=cpu resume=true hydra.sweep.dir=$$dir/$$schedule \
-			$(ABLATION_ARGS) >> $$dir/$$schedule.log 2>&1 & pids="$$pids $$!"; \
+	for i in $$(seq 1 $(CPU_STREAMS)); do \
+		rows=$$(echo "$(CPU_EXPERIMENTS)" | tr ',' '\n' | awk -v n=$(CPU_STREAMS) -v i=$$i '(NR - 1) % n == i - 1' | paste -sd, -); \
+		[ -n "$$rows" ] || continue; \
+		echo "stream $$i: $$rows (log: $$dir/stream$$i.log)"; \
+		OMP_NUM_THREADS=$(CPU_THREADS) $(CPU_MALLOC) $(PY) src/train.py -m experiment=$$rows \
+			schedule=$(CPU_SCHEDULES) seed=$(CPU_SEEDS) +scale=cpu resume=true \
+			hydra.sweep.dir=$$dir/stream$$i $(ABLATION_ARGS) >> $$dir/stream$$i.log 2>&1 & pids="$$pids $$!"; \
 	done; \
 	for pid in $$pids; do wait $$pid || status=1; done; \
 	echo $$(( $$(date +%s) - start )) > $$dir/wall_clock_s; \
@@ -92,19 +100,8 @@ ablation-cpu: install  ## Table 2 on the embedded digits, 2 CPU cores (~50 min p
 objectives: install  ## the weighting rows + ε/L_simple at paper scale (GPU cluster): ABLATION_ARGS='hydra/launcher=submitit_slurm'
 	$(MAKE) ablation ABLATION_EXPERIMENTS=$(OBJECTIVE_EXPERIMENTS)$(comma)table2_eps_simple SCHEDULES=linear SEEDS=$(OBJECTIVE_SEEDS)
 
-objectives-cpu: install  ## the weighting rows + ε/L_simple on the digits, linear, OBJECTIVE_SEEDS=0,1,2 (2 CPU cores), then the table
-	@dir=$(or $(SWEEP),logs/objectives_cpu/multiruns/$(NOW)); mkdir -p $$dir; echo "sweep: $$dir (after a crash: make objectives-cpu SWEEP=$$dir)"; \
-	start=$$(date +%s); pids=""; status=0; i=0; \
-	trap 'kill $$pids 2>/dev/null; exit 130' INT TERM; \
-	for stream in $(OBJECTIVE_STREAMS); do \
-		i=$$((i + 1)); echo "stream $$i: $$stream (log: $$dir/stream$$i.log)"; \
-		OMP_NUM_THREADS=$(CPU_THREADS) $(CPU_MALLOC) $(PY) src/train.py -m experiment=$$stream \
-			schedule=linear seed=$(OBJECTIVE_SEEDS) +scale=cpu resume=true \
-			hydra.sweep.dir=$$dir/stream$$i $(ABLATION_ARGS) >> $$dir/stream$$i.log 2>&1 & pids="$$pids $$!"; \
-	done; \
-	for pid in $$pids; do wait $$pid || status=1; done; \
-	echo $$(( $$(date +%s) - start )) > $$dir/wall_clock_s; \
-	$(PY) -m ddpm.ablation $$dir $(TABLE_ARGS); exit $$status
+objectives-cpu: install  ## the weighting rows + ε/L_simple on the digits (the CPU study's protocol), then the table
+	$(MAKE) ablation-cpu CPU_EXPERIMENTS=table2_eps_simple$(comma)$(OBJECTIVE_EXPERIMENTS)
 
 # Samplers a sweep's checkpoints are re-evaluated with (name:steps), for the ranking-by-sampler table.
 SAMPLERS ?= ddim:50 dpmpp_2m:15

@@ -207,7 +207,7 @@ def per_timestep_losses(
         objective-independent ones read from the same network output: ``eps_mse``
         (‖ε − ε̂‖² per dimension, ε̂ derived from the unclipped x̂₀), ``x0_mse`` (‖x₀ − x̂₀‖² per
         dimension, x̂₀ clipped to [-1, 1] as the sampler does; unclipped it grows like 1/ᾱₜ) and
-        ``bound_bpd`` (the bound's term Lₜ in bits/dim).
+        ``bound_bpd`` (the bound's term Lₜ in bits/dim, x̂₀ clipped as the evaluation does).
     """
     steps = [int(t) for t in timesteps]
     generator = torch.Generator(device=x0.device).manual_seed(int(seed))
@@ -228,7 +228,8 @@ def per_timestep_losses(
         pred_eps = diffusion.pred_eps_from_x0(x_t, t_batch, pred_x0)
         add("eps_mse", (noise - pred_eps).square().mean(dim=dims))
         add("x0_mse", (x0 - pred_x0.clamp(-1.0, 1.0)).square().mean(dim=dims))
-        add("bound_bpd", diffusion.vlb_terms_from_output(output, x0, x_t, t_batch))
+        bound = diffusion.vlb_terms_from_output(output, x0, x_t, t_batch, clip_denoised=True)
+        add("bound_bpd", bound)
     result = {key: np.asarray(values, dtype=np.float64) for key, values in rows.items()}
     result["t"] = np.asarray(steps, dtype=np.int64)
     return result

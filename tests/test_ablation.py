@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra.utils import instantiate
 
@@ -118,11 +119,11 @@ def test_cpu_scale_composes_with_every_experiment(compose_cfg, schedule):
         )
         assert (cfg.parameterization.name, cfg.variance.name, cfg.loss.name) == objective
         assert cfg.schedule.name == schedule and cfg.schedule.num_timesteps == 1000
-        assert cfg.data._target_.endswith("DigitsDataModule") and cfg.model.base_channels == 32
+        assert cfg.data._target_.endswith("DigitsDataModule") and cfg.model.base_channels == 16
         assert cfg.trainer.accelerator == "cpu" and cfg.task_name == "ablation_cpu"
-        # One evaluation protocol for every row: full ancestral sampler, fixed NLL subset.
+        # One evaluation protocol for every row: one sampler and N, fixed NLL subset.
         quality = cfg.callbacks.sample_quality
-        assert (quality.sampler, quality.steps, quality.num_samples) == ("ancestral", None, 400)
+        assert (quality.sampler, quality.steps, quality.num_samples) == ("dpmpp_2m", 15, 5000)
         assert cfg.callbacks.nll.num_images == 100 and cfg.callbacks.nll.split == "test"
         assert cfg.final_eval.range_check_samples > 0
         assert cfg.callbacks.sample_grid.steps is None
@@ -193,6 +194,7 @@ EPS_LEARNED = EXPERIMENTS["table2_eps_vlb_learned"]
 MU_SIMPLE = EXPERIMENTS["table2_mu_simple"]
 MU_VLB = EXPERIMENTS["table2_mu_vlb_fixed"]
 FD = "fd_digits_400"
+DELTA_FD, DELTA_NLL = f"Δ {FD} vs baseline [95% CI]", "Δ NLL vs baseline [95% CI]"
 
 
 @pytest.fixture
@@ -304,10 +306,12 @@ def test_table_cells(sweep):
     ]
     fd_col, nll_col = f"{FD} ↓", "NLL test (bits/dim) ↓"
 
-    # Three seeds: mean ± sample std. fd: mean 7/3, std sqrt(7/3); nll: mean 1.2, std 0.1.
+    # Three seeds: mean ± the 95% t-interval's half-width t₀.₉₇₅,₂·s/√3 (t₀.₉₇₅,₂ = 4.3027).
+    # fd: mean 7/3, s = √(7/3), half-width 3.7947; nll: mean 1.2, s = 0.1, half-width 0.2484.
     row = cells[("table2_eps_simple", "linear")]
     assert row["Seeds"] == "3" and row["IS"] == "n/a"
-    assert row[fd_col] == "2.33 ± 1.53" and row[nll_col] == "1.200 ± 0.100"
+    assert row[fd_col] == "2.33 ± 3.79 (n=3)" and row[nll_col] == "1.200 ± 0.248 (n=3)"
+    assert row[DELTA_FD] == "baseline" and row[DELTA_NLL] == "baseline"
     assert (row["Paper IS"], row["Paper FID"], row["Paper NLL"]) == (
         "9.46 ± 0.11",
         "3.17",
@@ -322,19 +326,23 @@ def test_table_cells(sweep):
     assert row["Status"] == "seed 0: unstable, diverged (non-finite loss at step 123)"
     assert (row["Paper IS"], row["Paper FID"]) == ("–", "–")
     row = cells[("table2_mu_vlb_fixed", "linear")]
-    assert (row[fd_col], row[nll_col], row["Out of range"]) == ("–", "–", "25.0%")
+    assert (row[fd_col], row[nll_col], row["Out of range"]) == ("–", "–", "25.0% (n=1)")
+    assert (row[DELTA_FD], row[DELTA_NLL]) == ("n/a", "n/a")  # no stable run to pair
     assert row["Status"] == (
         "seed 0: unstable, fd_digits_400 9.0 worse than the data-Gaussian baseline 8.0"
     )
-    assert cells[("table2_eps_simple", "linear")]["Out of range"] == "0.0 ± 0.0%"
+    assert cells[("table2_eps_simple", "linear")]["Out of range"] == "0.0 ± 0.0% (n=3)"
     # Without a baseline only training and finiteness decide.
     plain = _cells(ablation.build_table(runs))
-    assert plain[("table2_mu_vlb_fixed", "linear")][fd_col] == "9.00"
+    assert plain[("table2_mu_vlb_fixed", "linear")][fd_col] == "9.00 (n=1)"
+    # Seed 0 of both rows: 9.0 − 1.0 and 2.0 − 1.1, one pair, so no interval.
+    assert plain[("table2_mu_vlb_fixed", "linear")][DELTA_FD] == "+8.00 (n=1)"
+    assert plain[("table2_mu_vlb_fixed", "linear")][DELTA_NLL] == "+0.900 (n=1)"
     assert plain[("table2_mu_vlb_fixed", "linear")]["Status"] == "ok"
 
     # A missing metric is "n/a", not "–".
     row = cells[("table2_eps_vlb_fixed", "linear")]
-    assert (row["IS"], row[fd_col], row[nll_col]) == ("n/a", "3.00", "n/a")
+    assert (row["IS"], row[fd_col], row[nll_col]) == ("n/a", "3.00 (n=1)", "n/a")
     assert row["Paper NLL"] == "≤ 3.70"
 
     # A crashed run (no metrics.json) is listed, with n/a cells, and does not stop the table.
@@ -345,12 +353,15 @@ def test_table_cells(sweep):
     # Cosine, seeds 0 ok, 1 diverged, 2 ok without FD: statistics over the stable seeds only.
     row = cells[("table2_eps_simple", "cosine")]
     assert row["Seeds"] == "3"
-    assert row[fd_col] == "5.50 (n=1)" and row[nll_col] == "1.300 ± 0.071"
+    # nll over seeds 0, 2: s = 0.0707, t₀.₉₇₅,₁ = 12.706: half-width 0.6353.
+    assert row[fd_col] == "5.50 (n=1)" and row[nll_col] == "1.300 ± 0.635 (n=2)"
     assert row["Status"] == "seed 1: unstable, diverged (non-finite loss); 2 ok"
     assert (row["Paper IS"], row["Paper FID"], row["Paper NLL"]) == ("", "", "")  # linear only
 
     row = cells[("x0 prediction, loss=vlb, variance=fixed_small", "cosine")]
-    assert row[fd_col] == "7.00" and row["Experiment"] == ""
+    assert row[fd_col] == "7.00 (n=1)" and row["Experiment"] == ""
+    # The cosine baseline has fd in seed 0 only, this row too: one pair, 7.0 − 5.5.
+    assert row[DELTA_FD] == "+1.50 (n=1)" and row[DELTA_NLL] == "n/a"
 
 
 def test_markdown_and_csv_files(sweep, tmp_path):
@@ -359,16 +370,18 @@ def test_markdown_and_csv_files(sweep, tmp_path):
     md = (out / "ablation.md").read_text()
     header = (
         "| Objective | Experiment | Schedule | Seeds | IS | fd_digits_400 ↓ | NLL test (bits/dim) ↓ "
+        "| Δ fd_digits_400 vs baseline [95% CI] | Δ NLL vs baseline [95% CI] "
         "| Out of range | Paper IS | Paper FID | Paper NLL | Status |"
     )
     assert header in md
     assert (
         "| ε prediction, ‖ε̃ − ε_θ‖² (L_simple) | table2_eps_simple | linear | 3 | n/a "
-        "| 2.33 ± 1.53 | 1.200 ± 0.100 | 0.0 ± 0.0% | 9.46 ± 0.11 | 3.17 | ≤ 3.75 | ok |"
+        "| 2.33 ± 3.79 (n=3) | 1.200 ± 0.248 (n=3) | baseline | baseline | 0.0 ± 0.0% (n=3) "
+        "| 9.46 ± 0.11 | 3.17 | ≤ 3.75 | ok |"
     ) in md
     assert (
-        "| μ̃ prediction, ‖μ̃ − μ̃_θ‖² | table2_mu_simple | linear | 1 | – | – | – | 0.0% | – | – "
-        "|  | seed 0: unstable, diverged (non-finite loss at step 123) |"
+        "| μ̃ prediction, ‖μ̃ − μ̃_θ‖² | table2_mu_simple | linear | 1 | – | – | – | n/a | n/a "
+        "| 0.0% (n=1) | – | – |  | seed 0: unstable, diverged (non-finite loss at step 123) |"
     ) in md
     assert "first 100 images of the test split" in md and "`abc123`" in md
     assert "Baseline: `fd_digits_400` = 8.00, given with --baseline." in md
@@ -386,7 +399,13 @@ def test_markdown_and_csv_files(sweep, tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 7
     first = {(r["Experiment"], r["Schedule"]): r for r in rows}[("table2_eps_simple", "linear")]
-    assert first[f"{FD} ↓"] == "2.33 ± 1.53" and first["n_ok"] == "3"
+    assert first[f"{FD} ↓"] == "2.33 ± 3.79 (n=3)" and first["n_ok"] == "3"
+    assert float(first["fd_ci_high"]) - 7 / 3 == pytest.approx(
+        4.302652730 * (7 / 9) ** 0.5, abs=1e-8
+    )
+    assert first["delta_fd_mean"] == ""  # the baseline row has no difference to itself
+    mu_vlb = {(r["Experiment"], r["Schedule"]): r for r in rows}[("table2_mu_vlb_fixed", "linear")]
+    assert mu_vlb["delta_fd_mean"] == ""  # "–": nothing stable to pair
     assert float(first["fd_mean"]) == pytest.approx(7 / 3, abs=1e-12)
     assert float(first["fd_std"]) == pytest.approx((7 / 3) ** 0.5, abs=1e-12)
     assert float(first["nll_bpd_std"]) == pytest.approx(0.1, abs=1e-12)
@@ -396,6 +415,8 @@ def test_markdown_and_csv_files(sweep, tmp_path):
     ]
     assert crashed["n_crashed"] == "1" and crashed["fd_mean"] == ""
     assert first["fd_baseline"] == "8.0" and float(first["out_of_range_pct_mean"]) == 0.0
+    # The samples-against-likelihood figure, written beside the table.
+    assert (out / "ablation_tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_baseline_option_and_its_note(sweep, tmp_path, capsys):
@@ -423,7 +444,10 @@ def test_fid_50k_is_preferred_and_brings_its_is(tmp_path):
     table = ablation.build_table([ablation.classify_run(p) for p in ablation.find_runs(root)])
     assert (table.fd_key, table.is_key) == ("fid_50k", "is_50k")
     row = _cells(table)[("table2_eps_simple", "linear")]
-    assert row["FID (fid_50k) ↓"] == "4.00 ± 0.71" and row["IS (is_50k)"] == "9.50 ± 0.35"
+    # Two seeds: half-width t₀.₉₇₅,₁·s/√2 = 12.706·0.7071/1.4142 = 6.353 (FID), 3.177 (IS).
+    assert (
+        row["FID (fid_50k) ↓"] == "4.00 ± 6.35 (n=2)" and row["IS (is_50k)"] == "9.50 ± 3.18 (n=2)"
+    )
 
 
 def _evaluation(run: Path, sampler: str, metrics: dict) -> None:
@@ -461,7 +485,7 @@ def test_ranking_by_sampler_from_re_evaluations(tmp_path):
     )
     assert ranking[FD][eps_simple][1] == 1 and ranking[FD][eps_vlb][1] == 2
     assert ranking[ddim][eps_simple][1] == 2 and ranking[ddim][eps_vlb][1] == 1
-    assert ranking[fast][eps_simple][0].text == "2.50" and ranking[fast][eps_simple][1] == 1
+    assert ranking[fast][eps_simple][0].text == "2.50 (n=1)" and ranking[fast][eps_simple][1] == 1
     assert ranking[ddim][mu] == (ablation.Cell("–"), None)
     assert ranking[FD][eps_simple][0].mean == 2.0  # NLL 99 of the re-evaluation did not leak
 
@@ -469,7 +493,10 @@ def test_ranking_by_sampler_from_re_evaluations(tmp_path):
     assert ablation.main([str(root), "--out", str(out)]) == 0
     md = (out / "ablation.md").read_text()
     assert f"| Objective | Schedule | `{FD}` | `{ddim}` | `{fast}` |" in md
-    assert "| ε prediction, ‖ε̃ − ε_θ‖² (L_simple) | linear | 2.00 (1) | 5.00 (2) | 2.50 (1) |" in md
+    assert (
+        "| ε prediction, ‖ε̃ − ε_θ‖² (L_simple) | linear | 2.00 (n=1) #1 | 5.00 (n=1) #2 "
+        "| 2.50 (n=1) #1 |"
+    ) in md
     assert "- linear: the order of the rows is **not** the same under every sampler." in md
     with (out / "ablation_samplers.csv").open() as handle:
         rows = {r["experiment"]: r for r in csv.DictReader(handle)}
@@ -552,7 +579,13 @@ def test_mini_sweep_end_to_end(tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[2] == "linear" and cells[3] == "1"
         # Finite NLL from the NLL callback (4 images in TINY); no sample-quality callback there.
-        assert cells[5] == "n/a" and re.fullmatch(r"\d+\.\d{3}", cells[6]), line
+        assert cells[5] == "n/a" and re.fullmatch(r"\d+\.\d{3} \(n=1\)", cells[6]), line
+    # Δ NLL of the μ̃ row against the ε + L_simple row, paired on seed 0 (one pair: no interval).
+    mu_cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    eps_nll = float(rows[1].strip("|").split("|")[6].split()[0])
+    delta, n = mu_cells[8].split()
+    assert n == "(n=1)"  # the two displayed means are rounded to 1e-3 each
+    assert float(delta) == pytest.approx(float(mu_cells[6].split()[0]) - eps_nll, abs=1.5e-3)
     assert "python src/train.py -m experiment=table2_eps_simple,table2_mu_vlb_learned" in md
     with (sweep / "ablation.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 2
@@ -581,3 +614,87 @@ def test_mini_sweep_end_to_end(tmp_path):
     assert ablation.main([str(sweep)]) == 0
     md = (sweep / "ablation.md").read_text()
     assert "| `fd_digits_20_ddim5` | `fd_digits_20_dpmpp5` |" in md
+
+
+# ---------------------------------------------------------------------------- paired comparisons
+def test_rows_with_one_seed_share_their_initial_weights(compose_cfg):
+    """Common random numbers: with the seed train() sets, every row builds the same initial
+    network wherever the shapes agree (the learned-variance rows differ only in the output conv),
+    so a paired difference compares objectives, not initialisations."""
+    import lightning.pytorch as pl
+
+    from ddpm.builders import build_module
+
+    def initial_weights(experiment: str, seed: int) -> dict:
+        cfg = compose_cfg(f"experiment={experiment}", f"seed={seed}")
+        pl.seed_everything(int(cfg.seed), workers=True)  # as ddpm.tasks.train.run does
+        return dict(build_module(cfg, (1, 8, 8)).net.state_dict())
+
+    base = initial_weights("table2_eps_simple", 3)
+    for experiment in ("ext_v_simple", "obj_edm", "table2_mu_vlb_fixed", "table2_eps_vlb_learned"):
+        other = initial_weights(experiment, 3)
+        assert other.keys() == base.keys()
+        differ = [k for k in base if other[k].shape != base[k].shape]
+        assert differ == (
+            [] if "learned" not in experiment else ["conv_out.weight", "conv_out.bias"]
+        )
+        for key in base.keys() - set(differ):
+            assert torch.equal(other[key], base[key]), (experiment, key)
+    other_seed = initial_weights("table2_eps_simple", 4)
+    assert any(not torch.equal(other_seed[k], base[k]) for k in base)
+
+
+def test_paired_difference_and_intervals_against_closed_forms():
+    """stats: Student-t intervals, computed here from the textbook formula with tabulated
+    quantiles (t₀.₉₇₅,₄ = 2.7764451052), and the paired difference over shared seeds only."""
+    from ddpm.ablation.stats import mean_interval, paired_difference
+
+    values = [3.0, 5.0, 4.0, 6.0, 2.0]
+    interval = mean_interval(values)
+    s = (sum((v - 4.0) ** 2 for v in values) / 4) ** 0.5
+    half = 2.7764451052 * s / 5**0.5
+    assert interval.mean == pytest.approx(4.0, abs=1e-12) and interval.n == 5
+    assert (interval.low, interval.high) == (
+        pytest.approx(4 - half, abs=1e-9),
+        pytest.approx(4 + half, abs=1e-9),
+    )
+    assert interval.resolved  # 4 ± 1.96 excludes 0
+    one = mean_interval([1.0])
+    assert one.n == 1 and not one.resolved and one.low != one.low  # NaN bounds
+    row = {0: 10.0, 1: 12.0, 2: 11.0, 3: 13.0, 7: 99.0}
+    base = {0: 9.0, 1: 10.5, 2: 10.0, 3: 12.5, 5: -1.0}
+    delta = paired_difference(row, base)
+    diffs = [1.0, 1.5, 1.0, 0.5]  # seeds 0–3 only
+    s = (sum((d - 1.0) ** 2 for d in diffs) / 3) ** 0.5
+    half = 3.1824463053 * s / 2  # t₀.₉₇₅,₃
+    assert delta is not None and delta.n == 4 and delta.mean == pytest.approx(1.0, abs=1e-12)
+    assert delta.half_width == pytest.approx(half, abs=1e-9) and delta.resolved
+    assert paired_difference({0: 1.0}, {1: 1.0}) is None
+    with pytest.raises(ValueError, match="at least one value"):
+        mean_interval([])
+
+
+def test_delta_column_pairs_by_seed_and_marks_resolved(tmp_path):
+    """Row − baseline per seed: v's fd is the baseline's + (1.0, 1.2, 0.8) — resolved although
+    the seeds' own spread (±5) is far larger; its nll differs by (+0.1, −0.1, 0.0) — not."""
+    root = tmp_path / "sweep"
+    base_fd, base_nll = [10.0, 20.0, 15.0], [1.0, 1.2, 1.1]
+    for seed in range(3):
+        _run(
+            root,
+            f"{seed}-eps",
+            EPS_SIMPLE,
+            "linear",
+            seed,
+            {FD: base_fd[seed], "nll_bpd": base_nll[seed]},
+        )
+        metrics = {
+            FD: base_fd[seed] + [1.0, 1.2, 0.8][seed],
+            "nll_bpd": base_nll[seed] + [0.1, -0.1, 0.0][seed],
+        }
+        _run(root, f"{seed}-v", EXPERIMENTS["ext_v_simple"], "linear", seed, metrics)
+    table = ablation.build_table([ablation.classify_run(p) for p in ablation.find_runs(root)])
+    row = _cells(table)[("ext_v_simple", "linear")]
+    # mean 1.0, s = 0.2, half-width t₀.₉₇₅,₂·0.2/√3 = 0.4968; nll: mean 0, s = 0.1, 0.2484.
+    assert row[DELTA_FD] == "+1.00 [+0.50, +1.50] ✓ (n=3)"
+    assert row[DELTA_NLL] == "+0.000 [-0.248, +0.248] (n=3)"

@@ -36,7 +36,7 @@ def test_evaluate_nll_equals_core_nll_bpd() -> None:
     totals, priors, terms = [], [], []
     for start, stop in [(0, 4), (4, 8), (8, 10)]:
         x0 = torch.stack([dataset[i] for i in range(start, stop)])
-        generator = torch.Generator().manual_seed(batch_seed(3, 0, start, "nll"))
+        generator = torch.Generator().manual_seed(batch_seed(3, start, "nll"))
         out = diffusion.nll_bpd(net, x0, generator=generator)
         totals.append(out["total"])
         priors.append(out["prior"])
@@ -84,7 +84,7 @@ def test_stratified_estimate_through_evaluate_nll() -> None:
     totals, variances = [], []
     for start, stop in [(0, 5), (5, 10), (10, 12)]:
         x0 = torch.stack([dataset[i] for i in range(start, stop)])
-        generator = torch.Generator().manual_seed(batch_seed(3, 0, start, "nll"))
+        generator = torch.Generator().manual_seed(batch_seed(3, start, "nll"))
         out = diffusion.nll_bpd_stratified(net, x0, K, generator=generator)
         totals.append(out["total"].double())
         variances.append(out["stderr"].double().square())
@@ -144,7 +144,7 @@ def test_callbacks_in_a_tiny_training_run(tmp_path: Path) -> None:
     assert trainer.global_step == 2 and quality.kind == "digits"
     fd = trainer.callback_metrics["fd_digits_20_dpmpp5"].item()
     assert np.isfinite(fd) and fd > 0
-    # The callback's number is exactly what eval.py's function computes for the same round.
+    # The callback's number is exactly what eval.py's function computes: the step does not enter.
     direct = evaluate_sample_quality(
         module.diffusion,
         module.ema_net,
@@ -152,7 +152,6 @@ def test_callbacks_in_a_tiny_training_run(tmp_path: Path) -> None:
         num_samples=20,
         batch_size=8,
         sampler=SamplerSpec("dpmpp_2m", 5),
-        round_idx=2,
         cache_dir=tmp_path / "cache",
         progress=False,
     )
@@ -232,7 +231,7 @@ def test_an_unscheduled_callback_costs_nothing_in_fit_and_evaluates_on_demand(
     got = quality.evaluate(trainer, module)
     expected = evaluate_sample_quality(
         module.diffusion, module.ema_net, datamodule, num_samples=6, batch_size=6,
-        sampler=SamplerSpec("ddim", 2), round_idx=1, cache_dir=tmp_path / "cache", progress=False,
+        sampler=SamplerSpec("ddim", 2), cache_dir=tmp_path / "cache", progress=False,
     )  # fmt: skip
     assert got == {"fd_digits_6_ddim2": pytest.approx(expected["fd_digits_6_ddim2"], rel=1e-9)}
 

@@ -155,6 +155,36 @@ def test_train_with_wandb_offline_then_sample_and_eval(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_eval_reproduces_the_end_of_training_evaluation_exactly(tmp_path):
+    """The evaluation's x_T depend on (seed, sample index), not on the global step: eval.py on
+    the final checkpoint, with the run's seed (eval's default) and sizes, gives the run's own
+    fd and bits/dim to the last bit; another seed gives another fd."""
+    out = tmp_path / "run"
+    args = ["src/train.py", *tiny(tmp_path, "callbacks.sample_quality.on_train_end=true")]
+    proc = run([*args, "seed=3", f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = json.loads((out / "metrics.json").read_text())
+
+    def evaluate(name: str, *extra: str) -> dict:
+        proc = run(
+            [
+                "src/eval.py", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
+                "nll.num_images=4", "nll.batch_size=4", *extra,
+                f"hydra.run.dir={tmp_path / name}", f"paths.log_dir={tmp_path / 'logs'}",
+            ],
+            tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    again = evaluate("eval")
+    assert again["seed"] == 3
+    for key in ("fd_digits_8_dpmpp2", "nll_bpd"):
+        assert again[key] == trained[key], key
+    other = evaluate("eval_seed0", "seed=0")
+    assert other["fd_digits_8_dpmpp2"] != trained["fd_digits_8_dpmpp2"]
+
+
 def test_multirun_sweep_gives_each_job_its_own_directory_and_name(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run(

@@ -29,7 +29,7 @@ def _end_of_training(cfg) -> tuple[list[SampleQualityCallback], list[NLLCallback
     "overrides,num_samples,steps,nll_images",
     [
         (["data=digits"], 1000, 15, 100),  # sized for digits, not the 10k CIFAR-10 default
-        (["data=digits", "+scale=cpu"], 400, None, 100),
+        (["data=digits", "+scale=cpu"], 5000, 15, 100),  # the CPU study: one sampler and N
         (["data=cifar10"], 10_000, 100, 1000),
         (["data=cifar10", "+scale=paper"], 50_000, None, 10_000),
     ],
@@ -69,7 +69,7 @@ def test_eval_takes_its_sizes_from_the_run(compose_cfg):
     assert (nll.num_images, nll.batch_size, nll.estimator) == (100, 100, "full")
     cpu_run = compose_cfg("data=digits", "+scale=cpu", tiny=False)
     quality, _ = _evaluation_sizes(eval_cfg, cpu_run)
-    assert (quality.num_samples, quality.sampler, quality.steps) == (400, "ancestral", None)
+    assert (quality.num_samples, quality.sampler, quality.steps) == (5000, "dpmpp_2m", 15)
     # CIFAR-10 checkpoints and released models keep the paper's protocol.
     for run in (compose_cfg("data=cifar10", tiny=False), None):
         quality, nll = _evaluation_sizes(eval_cfg, run)

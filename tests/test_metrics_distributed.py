@@ -31,7 +31,7 @@ from ddpm.metrics import (
     single_process,
 )
 
-N, BATCH, SEED, ROUND = 21, 4, 7, 3
+N, BATCH, SEED = 21, 4, 7
 SHAPE = (1, 8, 8)
 
 
@@ -89,7 +89,7 @@ def _run_all(out: Path, cache_dir: Path, strategy: Any) -> None:
     rank, world = strategy.global_rank, strategy.world_size
     net.train()  # the pipeline must switch dropout off and restore the mode
     indices, images = generate_samples_sharded(
-        diffusion, net, SHAPE, N, BATCH, SEED, ROUND, rank=rank, world_size=world
+        diffusion, net, SHAPE, N, BATCH, SEED, rank=rank, world_size=world
     )
     assert net.training
     quality = SampleQuality(
@@ -98,7 +98,7 @@ def _run_all(out: Path, cache_dir: Path, strategy: Any) -> None:
     )  # fmt: skip
     metrics = run_sample_quality(
         diffusion, net, quality, image_shape=SHAPE, batch_size=BATCH, seed=SEED,
-        round_idx=ROUND, strategy=strategy, progress=False,
+        strategy=strategy, progress=False,
     )  # fmt: skip
     ref_stats = reference_statistics(
         digits, TinyExtractor(), dataset_name="toy", cache_dir=cache_dir, batch_size=BATCH,

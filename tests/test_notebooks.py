@@ -210,7 +210,11 @@ def test_sweep_runs_bound_terms_and_table(tmp_path: Path) -> None:
     # The table comes from ddpm.ablation, rendered without writing into the sweep directory.
     table = nh.ablation_markdown(runs, sweep)
     assert table is not None and not (sweep / "ablation.md").exists()
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if "prediction" in line}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in table.splitlines()
+        if line.startswith("| ") and "prediction" in line
+    }
     assert "3.500" in rows["ε prediction, ‖ε̃ − ε_θ‖² (L_simple)"]
     mu_row = rows["μ̃ prediction, L, learned diagonal Σ"]
     assert "9.000" not in mu_row and "–" in mu_row  # diverged: marked, its numbers hidden

@@ -12,7 +12,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ddpm.ablation.runs import RunRecord, _finite, _select
+from ddpm.ablation.stats import LEVEL, Interval
 from ddpm.ablation.table import (
+    BASELINE_KEY,
     DIVERGED,
     MISSING,
     Table,
@@ -24,9 +26,11 @@ from ddpm.ablation.table import (
 
 __all__ = [
     "csv_rows",
+    "delta_text",
     "display_row",
     "headers",
     "log_wandb",
+    "plot_tradeoff",
     "render_markdown",
     "sampler_csv_rows",
     "write_table",
@@ -42,8 +46,9 @@ def _render_sampler_ranking(table: Table) -> list[str]:
         "",
         "## Does the ranking depend on the sampler?",
         "",
-        "Each column group is one sampler: the Fréchet distance (mean ± std over seeds) and, in "
-        "brackets, the row's rank within its schedule (1 = best). The first group is the runs' "
+        "Each column group is one sampler: the Fréchet distance (mean ± 95% CI over seeds) and, "
+        "after `#`, the row's rank of the means within its schedule (1 = best; a rank is not a "
+        "resolved difference). The first group is the runs' "
         "own evaluation; the others are re-evaluations of the same checkpoints "
         "(`python -m ddpm.sweep_eval`). `–` rows were unstable in their own evaluation.",
         "",
@@ -54,7 +59,7 @@ def _render_sampler_ranking(table: Table) -> list[str]:
         cells = []
         for key in keys:
             cell, rank = ranking[key][i]
-            cells.append(cell.text + (f" ({rank})" if rank is not None else ""))
+            cells.append(cell.text + (f" #{rank}" if rank is not None else ""))
         lines.append(f"| {_md_escape(row.label)} | {row.schedule} | " + " | ".join(cells) + " |")
     lines.append("")
     for schedule in sorted({row.schedule for row in table.rows}, key=_schedule_rank):
@@ -108,12 +113,42 @@ def headers(table: Table) -> list[str]:
         is_header,
         f"{fd_header} ↓",
         "NLL test (bits/dim) ↓",
+        f"Δ {fd} vs baseline [95% CI]",
+        "Δ NLL vs baseline [95% CI]",
         "Out of range",
         "Paper IS",
         "Paper FID",
         "Paper NLL",
         "Status",
     ]
+
+
+#: Marks a difference whose interval excludes zero.
+RESOLVED = "✓"
+
+
+def delta_text(delta: Interval | None, digits: int, is_baseline: bool = False) -> str:
+    """``+1.23 [0.40, 2.06] ✓ (n=5)`` (✓: resolved, the interval excludes zero); ``baseline``
+    for the baseline row, ``n/a`` without shared seeds, the difference alone for one seed."""
+    if is_baseline:
+        return "baseline"
+    if delta is None:
+        return MISSING
+    mean = f"{delta.mean:+.{digits}f}"
+    if delta.n < 2:
+        return f"{mean} (n=1)"
+    mark = f" {RESOLVED}" if delta.resolved else ""
+    return f"{mean} [{delta.low:+.{digits}f}, {delta.high:+.{digits}f}]{mark} (n={delta.n})"
+
+
+def _is_baseline(row: TableRow) -> bool:
+    return (
+        row.parameterization,
+        row.variance,
+        row.loss,
+        row.weighting,
+        row.variant,
+    ) == BASELINE_KEY
 
 
 def display_row(row: TableRow) -> list[str]:
@@ -128,6 +163,8 @@ def display_row(row: TableRow) -> list[str]:
         row.cells["is"].text,
         row.cells["fd"].text,
         row.cells["nll"].text,
+        delta_text(row.delta.get("fd"), 2, _is_baseline(row)),
+        delta_text(row.delta.get("nll"), 3, _is_baseline(row)),
         row.cells["range"].text,
         row.paper["is"],
         row.paper["fd"],
@@ -160,6 +197,20 @@ _RAW_COLUMNS = [
     "variant",
     "weighting",
     "fd_baseline",
+    "fd_ci_low",
+    "fd_ci_high",
+    "nll_bpd_ci_low",
+    "nll_bpd_ci_high",
+    "delta_fd_mean",
+    "delta_fd_ci_low",
+    "delta_fd_ci_high",
+    "delta_fd_n",
+    "delta_fd_resolved",
+    "delta_nll_bpd_mean",
+    "delta_nll_bpd_ci_low",
+    "delta_nll_bpd_ci_high",
+    "delta_nll_bpd_n",
+    "delta_nll_bpd_resolved",
 ]
 
 
@@ -169,7 +220,7 @@ def _raw_row(row: TableRow, table: Table) -> list[Any]:
 
     statuses = [r.status for r in row.runs]
     cells = row.cells
-    return [
+    values: list[Any] = [
         row.parameterization,
         row.variance,
         row.loss,
@@ -194,6 +245,17 @@ def _raw_row(row: TableRow, table: Table) -> list[Any]:
         row.weighting,
         num(table.baseline),
     ]
+    for name in ("fd", "nll"):
+        interval = cells[name].interval
+        values += [num(None if interval is None else interval.low)]
+        values += [num(None if interval is None else interval.high)]
+    for name in ("fd", "nll"):
+        delta = row.delta.get(name)
+        if delta is None:
+            values += ["", "", "", "", ""]
+        else:
+            values += [num(delta.mean), num(delta.low), num(delta.high), delta.n, delta.resolved]
+    return values
 
 
 def csv_rows(table: Table) -> tuple[list[str], list[list[Any]]]:
@@ -268,9 +330,16 @@ def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
         lines.append("| " + " | ".join(_md_escape(c) for c in display_row(row)) + " |")
     lines += [
         "",
-        "- Cells are mean ± sample standard deviation over the seeds that finished stably "
-        "(one seed: the value alone; `(n=k)` when a metric exists for only k of them). "
-        "`Seeds` counts finished runs (`finished/launched` when some crashed).",
+        f"- Cells are mean ± the half-width of the {LEVEL:.0%} confidence interval of the mean "
+        "(Student's t over the n seeds that finished stably and have the metric; `(n=1)`: one "
+        "value, no interval). `Seeds` counts finished runs (`finished/launched` when some "
+        "crashed).",
+        f"- Δ vs baseline: the row minus the ε prediction + L_simple row of the same schedule, "
+        f"seed by seed over the seeds both have (paired: with one seed the two runs share the "
+        f"initial weights where shapes allow, the data order and the evaluation's x_T), mean "
+        f"and paired-t {LEVEL:.0%} interval. `{RESOLVED}`: resolved, the interval excludes "
+        "zero; without the mark the difference is not resolved at this number of seeds. "
+        "Negative is better for both.",
         f"- `{DIVERGED}`: every finished run of the row was unstable, the paper's \"unstable "
         'training and poor samples with out-of-range scores" stated from scores and training: '
         "a non-finite training loss (`diverged`), non-finite samples or bound, or a Fréchet "
@@ -286,7 +355,8 @@ def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
         "from Table 2 (50k samples), NLL (test-set bound) from Table 1; shown on the linear "
         "rows only. The `fd_digits_*` proxy and digits bits/dim are not comparable with them in "
         "value, only in ordering.",
-        f"- NLL: the full variational bound (all T terms + prior), {_nll_protocol(table.runs)}.",
+        f"- NLL: the full variational bound (all T terms + prior, x̂₀ clipped to [-1, 1] inside "
+        f"every term as the paper evaluates it), {_nll_protocol(table.runs)}.",
         "- Fixed isotropic Σ is `variance=fixed_large` (σₜ² = βₜ, the official CIFAR-10 "
         "setting); other variances appear as rows of their own (docs/ablation.md).",
     ]
@@ -358,6 +428,7 @@ def write_table(table: Table, out_dir: str | Path, sweep_dir: str | Path | None 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md_path = out / "ablation.md"
+    plot_tradeoff(table, out / "ablation_tradeoff.png")
     tmp = md_path.with_name(".ablation.md.tmp")
     tmp.write_text(render_markdown(table, sweep_dir))
     os.replace(tmp, md_path)
@@ -365,6 +436,48 @@ def write_table(table: Table, out_dir: str | Path, sweep_dir: str | Path | None 
     if len(sampler_keys(table)) > 1:
         _write_csv(out / "ablation_samplers.csv", *sampler_csv_rows(table))
     return md_path
+
+
+def plot_tradeoff(table: Table, path: str | Path) -> Path | None:
+    """The samples-against-likelihood trade-off: per row, mean Fréchet distance against mean
+    bits/dim with their 95% intervals as error bars (one panel per schedule); "–" rows and rows
+    without both metrics are left out. Returns the PNG's path, or None with nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def plotted(row: TableRow) -> bool:
+        return row.cells["fd"].interval is not None and row.cells["nll"].interval is not None
+
+    schedules = sorted({r.schedule for r in table.rows if plotted(r)}, key=_schedule_rank)
+    if not schedules:
+        return None
+    fig, axes = plt.subplots(1, len(schedules), figsize=(6.5 * len(schedules), 5.0), squeeze=False)
+    for ax, schedule in zip(axes[0], schedules, strict=True):
+        rows = [r for r in table.rows if r.schedule == schedule and plotted(r)]
+        for i, row in enumerate(rows):
+            fd, nll = row.cells["fd"].interval, row.cells["nll"].interval
+            assert fd is not None and nll is not None
+
+            def err(iv: Interval) -> float:
+                return 0.0 if iv.n < 2 else iv.half_width
+
+            ax.errorbar(
+                nll.mean, fd.mean, xerr=err(nll), yerr=err(fd), fmt="o", capsize=3,
+                color=f"C{i % 10}", label=f"{row.experiment or row.label} (n={fd.n})",
+                markeredgecolor="black" if _is_baseline(row) else None,
+            )  # fmt: skip
+        ax.set_xlabel("bits/dim (clipped bound) ↓")
+        ax.set_ylabel(f"{table.fd_key} ↓")
+        ax.set_title(f"{schedule}: mean ± {LEVEL:.0%} CI over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def log_wandb(table: Table, sweep_dir: str | Path, project: str = "ddpm-lab") -> bool:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
     "EVALUATIONS_DIR",
+    "NOISE_DIR",
     "ObjectiveKey",
     "RunRecord",
     "classify_run",
@@ -23,7 +24,12 @@ __all__ = [
 
 #: Sub-directory of a run holding its re-evaluations, one per sampler (``python -m ddpm.sweep_eval``).
 EVALUATIONS_DIR = "evaluations"
-_NOT_RUNS = {"wandb", "checkpoints", "samples", "nll", "csv", "tensorboard", EVALUATIONS_DIR}
+#: Sub-directory of a run holding its re-evaluations under other evaluation seeds
+#: (``python -m ddpm.ablation.noise``).
+NOISE_DIR = "noise"
+_NOT_RUNS = {
+    "wandb", "checkpoints", "samples", "nll", "csv", "tensorboard", EVALUATIONS_DIR, NOISE_DIR,
+}  # fmt: skip
 _SAMPLE_QUALITY_PREFIXES = ("fid_", "fd_digits_", "is_")
 
 #: (parameterisation, variance, loss, weighting, variant): what makes two runs the same objective;

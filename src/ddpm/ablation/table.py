@@ -12,8 +12,10 @@ from typing import Any
 
 from ddpm.ablation.rows import PAPER_SCHEDULE, Objective, objectives
 from ddpm.ablation.runs import ObjectiveKey, RunRecord, _finite, _select
+from ddpm.ablation.stats import Interval, mean_interval, paired_difference
 
 __all__ = [
+    "BASELINE_KEY",
     "DIVERGED",
     "MISSING",
     "Cell",
@@ -28,6 +30,8 @@ __all__ = [
 
 DIVERGED = "–"
 MISSING = "n/a"
+#: The row every other row of its schedule is compared with: ε prediction, L_simple, fixed Σ.
+BASELINE_KEY: ObjectiveKey = ("eps", "fixed_large", "simple", "none", "")
 _SCHEDULE_ORDER = ("linear", "cosine")
 
 
@@ -54,12 +58,14 @@ def _sample_quality_keys(runs: Iterable[RunRecord]) -> tuple[str | None, str | N
 # ---------------------------------------------------------------------------- the table
 @dataclass
 class Cell:
-    """A metric over the runs of one row: display text and raw mean/std/count."""
+    """A metric over the runs of one row: display text, raw mean/std/count and the 95%
+    confidence interval of the mean (:func:`~ddpm.ablation.stats.mean_interval`)."""
 
     text: str
     mean: float | None = None
     std: float | None = None
     n: int = 0
+    interval: Interval | None = None
 
 
 @dataclass
@@ -78,6 +84,9 @@ class TableRow:
     cells: dict[str, Cell] = field(default_factory=dict)
     paper: dict[str, str] = field(default_factory=dict)
     status: str = ""
+    #: Row − baseline row of the same schedule, paired by seed (``"fd"``, ``"nll"``); None when
+    #: this is the baseline, or no seed of both has the metric.
+    delta: dict[str, Interval | None] = field(default_factory=dict)
 
     @property
     def seeds(self) -> list[int]:
@@ -94,8 +103,30 @@ def _metric(run: RunRecord, key: str) -> Any:
     return run.evaluations.get(key) if value is None else value
 
 
+def _seed_values(runs: Sequence[RunRecord], key: str | None) -> dict[int, float]:
+    """``{seed: value}`` of ``key`` over the stable runs that have it (finite) and a seed."""
+    if key is None:
+        return {}
+    return {
+        r.seed: float(_metric(r, key))
+        for r in runs
+        if r.status == "ok" and r.metrics is not None and r.seed is not None
+        and _finite(_metric(r, key))
+    }  # fmt: skip
+
+
+def _interval_text(interval: Interval, digits: int, unit: str = "") -> str:
+    """``mean ± half-width (n=k)``; ``mean (n=1)`` for a single value."""
+    if interval.n < 2:
+        return f"{_format(interval.mean, digits)}{unit} (n=1)"
+    return (
+        f"{_format(interval.mean, digits)} ± {_format(interval.half_width, digits)}{unit} "
+        f"(n={interval.n})"
+    )
+
+
 def _cell(runs: Sequence[RunRecord], key: str | None, digits: int) -> Cell:
-    """Mean ± sample std (n ≥ 2) of ``key`` over the stable runs; "–" / "n/a" otherwise."""
+    """Mean ± 95% CI half-width (n) of ``key`` over the stable runs; "–" / "n/a" otherwise."""
     finished = [r for r in runs if r.metrics is not None]
     stable = [r for r in finished if r.status == "ok"]
     if finished and not stable:
@@ -105,15 +136,13 @@ def _cell(runs: Sequence[RunRecord], key: str | None, digits: int) -> Cell:
     values = [float(_metric(r, key)) for r in stable if _finite(_metric(r, key))]
     if not values:
         return Cell(MISSING)
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        text, std = _format(mean, digits), None
-    else:
-        std = statistics.stdev(values)
-        text = f"{_format(mean, digits)} ± {_format(std, digits)}"
-    if len(values) < len(stable):  # the metric is missing in some seeds: say how many it covers
-        text += f" (n={len(values)})"
-    return Cell(text, mean, std, len(values))
+    return _interval_cell(values, digits)
+
+
+def _interval_cell(values: Sequence[float], digits: int, unit: str = "") -> Cell:
+    interval = mean_interval(values)
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return Cell(_interval_text(interval, digits, unit), interval.mean, std, len(values), interval)
 
 
 def _status(runs: Sequence[RunRecord]) -> str:
@@ -239,11 +268,32 @@ def build_table(
             row.paper = {"is": "", "fd": "", "nll": ""}
         row.status = _status(members)
         rows.append(row)
+    _paired_deltas(rows, {"fd": fd_key, "nll": "nll_bpd"})
     return Table(rows, fd_key, is_key, unclassified, list(runs), baseline, baseline_note)
 
 
+def _paired_deltas(rows: Sequence[TableRow], keys: dict[str, str | None]) -> None:
+    """Fill ``row.delta``: each row minus the :data:`BASELINE_KEY` row of its schedule, paired
+    by seed (:func:`~ddpm.ablation.stats.paired_difference`)."""
+    baselines = {
+        r.schedule: r
+        for r in rows
+        if (r.parameterization, r.variance, r.loss, r.weighting, r.variant) == BASELINE_KEY
+    }
+    for row in rows:
+        base = baselines.get(row.schedule)
+        row.delta = {}
+        for name, key in keys.items():
+            if base is None or base is row:
+                row.delta[name] = None
+                continue
+            row.delta[name] = paired_difference(
+                _seed_values(row.runs, key), _seed_values(base.runs, key)
+            )
+
+
 def _out_of_range_cell(runs: Sequence[RunRecord]) -> Cell:
-    """Mean ± std of the share of sample pixels beyond ±(1 + 2/255), in percent, over every
+    """Mean ± 95% CI of the share of sample pixels beyond ±(1 + 2/255), in percent, over every
     finished run (stable or not: it describes the samples, it does not decide "–")."""
     values = [
         100.0 * float(r.metrics["samples_out_of_range_fraction"])
@@ -252,10 +302,7 @@ def _out_of_range_cell(runs: Sequence[RunRecord]) -> Cell:
     ]
     if not values:
         return Cell(MISSING)
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else None
-    text = f"{mean:.1f}%" if std is None else f"{mean:.1f} ± {std:.1f}%"
-    return Cell(text, mean, std, len(values))
+    return _interval_cell(values, 1, unit="%")
 
 
 _COUNT_TAG = re.compile(r"^(?:fid|fd_digits)_(\d+)(k?)(?:_|$)")

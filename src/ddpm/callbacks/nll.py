@@ -20,7 +20,8 @@ _SPLITS = ("val", "test")
 
 
 class NLLCallback(pl.Callback):
-    """The bound (prior + T terms, discretised decoder) on a subset of the val/test split.
+    """The bound (prior + T terms, discretised decoder) on a subset of the val/test split, x̂₀
+    clipped to [-1, 1] inside every term as the paper's evaluation does (``clip_denoised``).
 
     Runs every ``every_n_steps`` steps, at the end of training and at the end of ``trainer.test``
     (``src/eval.py``). The first ``num_images`` images of the split are sharded across ranks
@@ -30,7 +31,7 @@ class NLLCallback(pl.Callback):
     ``nll_bpd`` (total), ``nll_bpd_stderr``, ``nll_prior_bpd`` (L_T), ``nll_decoder_bpd`` (L₀)
     and ``nll_num_images``. With ``estimator="stratified"`` the total is the unbiased estimate
     from ``num_terms`` = K terms per image, named ``nll_bpd_k{K}`` (with ``_stderr`` and
-    ``_estimator_stderr``). For the full bound the per-timestep terms (mean Lₜ over images,
+    ``_estimator_stderr``); the unclipped bound appends ``_unclipped``. For the full bound the per-timestep terms (mean Lₜ over images,
     ``[T]``) go to W&B as a line plot when a ``WandbLogger`` is attached, and are always saved
     as ``<run dir>/nll/terms_step{step:07d}.npy``.
 
@@ -49,6 +50,8 @@ class NLLCallback(pl.Callback):
         progress: tqdm bar on rank 0.
         estimator: ``"full"`` (the paper's protocol) or ``"stratified"``.
         num_terms: K for ``"stratified"`` (2 ≤ K ≤ T).
+        clip_denoised: clip x̂₀ to [-1, 1] inside every term, as the paper's evaluation does;
+            False gives the unclipped bound, its keys suffixed ``_unclipped``.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class NLLCallback(pl.Callback):
         progress: bool = True,
         estimator: str = "full",
         num_terms: int | None = None,
+        clip_denoised: bool = True,
     ) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
@@ -77,6 +81,7 @@ class NLLCallback(pl.Callback):
             raise ValueError(f"estimator='stratified' needs num_terms >= 2, got {num_terms}")
         self.estimator = estimator
         self.num_terms = None if num_terms is None else int(num_terms)
+        self.clip_denoised = bool(clip_denoised)
         self.num_images = int(num_images)
         self.batch_size = int(batch_size)
         self.split = split
@@ -127,7 +132,9 @@ class NLLCallback(pl.Callback):
             return {}
         self._last_step = step
         diffusion = unwrap_diffusion(pl_module)
-        metric = BitsPerDim(diffusion.num_timesteps, self.estimator, self.num_terms)
+        metric = BitsPerDim(
+            diffusion.num_timesteps, self.estimator, self.num_terms, self.clip_denoised
+        )
         result = run_nll(
             diffusion,
             unwrap_ema_net(pl_module),

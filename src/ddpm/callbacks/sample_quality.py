@@ -252,7 +252,6 @@ class SampleQualityCallback(pl.Callback):
             image_shape=tuple(pl_module.image_shape),
             batch_size=self.batch_size,
             seed=self.seed,
-            round_idx=step,
             sampler=self.sampler,
             strategy=trainer.strategy,
             clip_denoised=self.clip_denoised,

@@ -23,10 +23,15 @@ def full_bound(
     x0: torch.Tensor,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    clip_denoised: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The full variational bound on −log p(x0) in bits/dim.
 
-    Each term uses a fresh x_t ~ q(x_t | x0) drawn from ``generator`` (from T−1 down to 0).
+    Each term uses a fresh x_t ~ q(x_t | x0) drawn from ``generator`` (from T−1 down to 0). As in
+    the paper's evaluation (the official ``calc_bpd_loop(clip_denoised=True)``), x̂₀ is clipped
+    to [-1, 1] inside every term, so the bound is that of the model the sampler draws from; with
+    μ̃ prediction the mean is the network's output either way. ``clip_denoised=False`` gives the
+    unclipped bound (the form the training losses use).
 
     Returns:
         ``total [B]`` (sum of every term plus the prior), ``terms [B, T]`` (Lₜ per timestep
@@ -44,7 +49,7 @@ def full_bound(
         t = all_t[i].expand(batch)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = d.q_sample(x0, t, noise)
-        terms[:, i] = d.vlb_term_bpd(net, x0, x_t, t)
+        terms[:, i] = d.vlb_term_bpd(net, x0, x_t, t, clip_denoised=clip_denoised)
     prior = d.prior_bpd(x0)
     return {"total": terms.sum(dim=1) + prior, "terms": terms, "prior": prior}
 
@@ -70,6 +75,7 @@ def stratified_bound(
     x0: torch.Tensor,
     num_terms: int,
     generator: torch.Generator | None = None,
+    clip_denoised: bool = True,
 ) -> dict[str, torch.Tensor]:
     """An unbiased estimate of the full bound (:func:`full_bound`) from K ≪ T terms per image.
 
@@ -97,6 +103,7 @@ def stratified_bound(
         x0: data ``[B, C, H, W]`` on the 256-level grid in [-1, 1].
         num_terms: K, between 2 and T (network evaluations per image).
         generator: the only source of randomness (on ``x0``'s device).
+        clip_denoised: clip x̂₀ inside every term, as :func:`full_bound` does.
 
     Returns:
         ``total [B]`` (bits/dim), ``stderr [B]`` (bits/dim, the collapsed-strata estimate;
@@ -119,7 +126,8 @@ def stratified_bound(
     for k in range(K - 1, -1, -1):
         t = t_all[:, k]
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-        terms[:, k] = d.vlb_term_bpd(net, x0, d.q_sample(x0, t, noise), t)
+        x_t = d.q_sample(x0, t, noise)
+        terms[:, k] = d.vlb_term_bpd(net, x0, x_t, t, clip_denoised=clip_denoised)
     weights = sizes_dev.to(x0.dtype)
     weighted = terms * weights
     prior = d.prior_bpd(x0)

@@ -255,11 +255,21 @@ class GaussianDiffusion(nn.Module):
         return self.loss(self, output.to(x0.dtype), x0, x_t, t, noise)
 
     def vlb_terms_from_output(
-        self, net_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+        self,
+        net_output: torch.Tensor,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool,
     ) -> torch.Tensor:
-        """Lₜ in bits/dim ``[B]``: KL(q(x_{t−1}|x_t,x0) ‖ p_θ) for t > 0, −log p_θ(x0|x1) at t = 0."""
+        """Lₜ in bits/dim ``[B]``: KL(q(x_{t−1}|x_t,x0) ‖ p_θ) for t > 0, −log p_θ(x0|x1) at t = 0.
+
+        ``clip_denoised`` clips x̂₀ to [-1, 1] inside p_θ (:meth:`p_mean_variance`): the training
+        losses pass False (the official ``kl`` loss), the evaluation of the bound True (the
+        official ``calc_bpd_loop``), so the bound is that of the model the sampler samples from.
+        """
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
-        out = self.p_mean_variance(net_output, x_t, t, clip_denoised=False)
+        out = self.p_mean_variance(net_output, x_t, t, clip_denoised=clip_denoised)
         kl = mean_flat_bpd(
             normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
         )
@@ -271,10 +281,18 @@ class GaussianDiffusion(nn.Module):
         return torch.where(t == 0, decoder_nll, kl)
 
     def vlb_term_bpd(
-        self, net: Net, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+        self,
+        net: Net,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
     ) -> torch.Tensor:
-        """Lₜ of the bound in bits/dim ``[B]`` for the given x_t (KL for t > 0, decoder NLL at 0)."""
-        return self.vlb_terms_from_output(self.model_output(net, x_t, t), x0, x_t, t)
+        """Lₜ of the bound in bits/dim ``[B]`` for the given x_t (KL for t > 0, decoder NLL at 0);
+        x̂₀ clipped as the paper's evaluation does unless ``clip_denoised=False``."""
+        return self.vlb_terms_from_output(
+            self.model_output(net, x_t, t), x0, x_t, t, clip_denoised=clip_denoised
+        )
 
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
         """L_T = KL(q(x_T | x0) ‖ N(0, I)) in bits/dim ``[B]`` (no parameters)."""
@@ -289,15 +307,19 @@ class GaussianDiffusion(nn.Module):
         x0: torch.Tensor,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        clip_denoised: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """The full variational bound on −log p(x0) in bits/dim (:func:`~ddpm.diffusion.bound.full_bound`).
+        """The full variational bound on −log p(x0) in bits/dim (:func:`~ddpm.diffusion.bound.full_bound`),
+        x̂₀ clipped inside every term as the paper evaluates it unless ``clip_denoised=False``.
 
         Returns:
             ``total [B]``, ``terms [B, T]`` (decoder NLL at index 0) and ``prior [B]``.
         """
         from ddpm.diffusion.bound import full_bound
 
-        return full_bound(self, net, x0, generator=generator, progress=progress)
+        return full_bound(
+            self, net, x0, generator=generator, progress=progress, clip_denoised=clip_denoised
+        )
 
     def stratum_bounds(self, num_terms: int) -> torch.Tensor:
         """Edges ``[K+1]`` of the K strata of :meth:`nll_bpd_stratified` (host LongTensor)."""
@@ -311,9 +333,10 @@ class GaussianDiffusion(nn.Module):
         x0: torch.Tensor,
         num_terms: int,
         generator: torch.Generator | None = None,
+        clip_denoised: bool = True,
     ) -> dict[str, torch.Tensor]:
         """An unbiased estimate of the bound from K ≪ T terms per image, with its standard error
-        (:func:`~ddpm.diffusion.bound.stratified_bound`).
+        (:func:`~ddpm.diffusion.bound.stratified_bound`); x̂₀ clipped unless ``clip_denoised=False``.
 
         Returns:
             ``total [B]``, ``stderr [B]`` (bits/dim), ``t [B, K]``, ``terms [B, K]``,
@@ -321,7 +344,9 @@ class GaussianDiffusion(nn.Module):
         """
         from ddpm.diffusion.bound import stratified_bound
 
-        return stratified_bound(self, net, x0, num_terms, generator=generator)
+        return stratified_bound(
+            self, net, x0, num_terms, generator=generator, clip_denoised=clip_denoised
+        )
 
     # ------------------------------------------------------------------ sampling
     def respaced(

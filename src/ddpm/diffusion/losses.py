@@ -91,12 +91,13 @@ class SimpleLoss(Loss):
 
 
 class VLBLoss(Loss):
-    """The true bound, official ``kl`` loss: Lₜ in bits/dim for the sampled t (decoder NLL at t = 0)."""
+    """The true bound, official ``kl`` loss: Lₜ in bits/dim for the sampled t (decoder NLL at t = 0),
+    x̂₀ unclipped as in the official training loss (a clip would stop the gradient outside ±1)."""
 
     name = "vlb"
 
     def __call__(self, d, output, x0, x_t, t, noise):
-        vlb = d.vlb_terms_from_output(output, x0, x_t, t)
+        vlb = d.vlb_terms_from_output(output, x0, x_t, t, clip_denoised=False)
         return {"loss": vlb, "vlb": vlb}
 
 
@@ -122,7 +123,7 @@ class HybridLoss(Loss):
         mse = _simple_mse(d, output, x0, x_t, t, noise)
         mean_output, var_output = d.split_output(output)
         frozen = torch.cat([mean_output.detach(), var_output], dim=1)
-        vlb = d.vlb_terms_from_output(frozen, x0, x_t, t)
+        vlb = d.vlb_terms_from_output(frozen, x0, x_t, t, clip_denoised=False)
         loss = mse + self.vlb_weight * d.num_timesteps * vlb
         return {"loss": loss, "mse": mse, "vlb": vlb}
 

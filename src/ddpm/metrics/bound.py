@@ -30,22 +30,27 @@ __all__ = ["NLL_ESTIMATORS", "BitsPerDim", "evaluate_nll", "nll_metric_name", "r
 NLL_ESTIMATORS = ("full", "stratified")
 
 
-def nll_metric_name(estimator: str, num_terms: int | None, num_timesteps: int) -> str:
-    """``nll_bpd`` for the full bound (or K = T); ``nll_bpd_k{K}`` for the stratified estimate.
+def nll_metric_name(
+    estimator: str, num_terms: int | None, num_timesteps: int, clip_denoised: bool = True
+) -> str:
+    """``nll_bpd`` for the full bound (or K = T); ``nll_bpd_k{K}`` for the stratified estimate;
+    ``_unclipped`` appended when x̂₀ is not clipped inside the terms (not the paper's protocol).
 
     Raises:
         ValueError: unknown estimator, or ``stratified`` without 2 ≤ ``num_terms`` ≤ T.
     """
     if estimator not in NLL_ESTIMATORS:
         raise ValueError(f"unknown nll estimator {estimator!r}: choose one of {NLL_ESTIMATORS}")
+    suffix = "" if clip_denoised else "_unclipped"
     if estimator == "full":
-        return "nll_bpd"
+        return "nll_bpd" + suffix
     if num_terms is None or not 2 <= int(num_terms) <= int(num_timesteps):
         raise ValueError(
             f"nll.estimator=stratified needs nll.num_terms between 2 and T={num_timesteps}, "
             f"got {num_terms}"
         )
-    return "nll_bpd" if int(num_terms) == int(num_timesteps) else f"nll_bpd_k{int(num_terms)}"
+    k = "" if int(num_terms) == int(num_timesteps) else f"_k{int(num_terms)}"
+    return f"nll_bpd{k}{suffix}"
 
 
 class BitsPerDim(Metric):
@@ -55,11 +60,13 @@ class BitsPerDim(Metric):
         num_timesteps: T.
         estimator: ``"full"`` or ``"stratified"``.
         num_terms: K for ``"stratified"``.
+        clip_denoised: x̂₀ clipped inside every term (the paper's evaluation; default) or not.
 
     ``compute()`` returns, with ``B`` = :func:`nll_metric_name`: ``B`` (mean bound), ``B_stderr``
     (standard error of that mean over images; for a stratified estimate it contains the
     estimator's noise), ``nll_prior_bpd`` (mean L_T, exact for both estimators),
-    ``nll_num_images``; for ``full`` also ``nll_decoder_bpd`` (mean L₀) and ``terms_bpd`` (float64
+    ``nll_num_images``; for ``full`` also ``nll_decoder_bpd`` (mean L₀; ``_unclipped`` appended
+    when unclipped) and ``terms_bpd`` (float64
     ``[T]``, mean Lₜ per timestep index, index 0 = decoder: an array, not a metric); for
     ``stratified`` also ``B_estimator_stderr`` = √(Σᵢ Varᵢ)/n from the per-image collapsed-strata
     variances.
@@ -68,9 +75,16 @@ class BitsPerDim(Metric):
     full_state_update = False
     higher_is_better = False
 
-    def __init__(self, num_timesteps: int, estimator: str = "full", num_terms: int | None = None):
+    def __init__(
+        self,
+        num_timesteps: int,
+        estimator: str = "full",
+        num_terms: int | None = None,
+        clip_denoised: bool = True,
+    ):
         super().__init__()
-        self.name = nll_metric_name(estimator, num_terms, num_timesteps)
+        self.name = nll_metric_name(estimator, num_terms, num_timesteps, clip_denoised)
+        self.clip_denoised = bool(clip_denoised)
         self.estimator = estimator
         self.num_terms = None if num_terms is None else int(num_terms)
         self.num_timesteps = int(num_timesteps)
@@ -112,7 +126,9 @@ class BitsPerDim(Metric):
         }
         if self.estimator == "full":
             terms = (self.terms_sum / n).cpu().numpy()
-            result["nll_decoder_bpd"] = float(terms[0])
+            result["nll_decoder_bpd" + ("" if self.clip_denoised else "_unclipped")] = float(
+                terms[0]
+            )
             result["terms_bpd"] = terms
         else:
             result[f"{self.name}_estimator_stderr"] = math.sqrt(float(self.estimator_var_sum)) / n
@@ -142,9 +158,10 @@ def run_nll(
     """The bound on images ``0 .. num_images − 1`` of ``dataset``, sharded (collective).
 
     Batch ``b`` (images ``[b·batch_size, …)``) runs on rank ``b % world_size`` with a generator
-    ``torch.Generator(device).manual_seed(batch_seed(seed, 0, start, "nll"))`` passed to
+    ``torch.Generator(device).manual_seed(batch_seed(seed, start, "nll"))`` passed to
     ``diffusion.nll_bpd`` (``metric.estimator == "full"``) or ``diffusion.nll_bpd_stratified``
-    with ``metric.num_terms``; so the result does not depend on the world size.
+    with ``metric.num_terms``, x̂₀ clipped as ``metric.clip_denoised`` says; so the result does
+    not depend on the world size.
 
     Returns:
         :meth:`BitsPerDim.compute`, on every rank.
@@ -165,14 +182,18 @@ def run_nll(
         for start, stop in batches:
             x0 = torch.stack([_first(dataset[i]) for i in range(start, stop)])
             x0 = x0.to(device=device, dtype=diffusion.betas.dtype)  # type: ignore[union-attr]
-            generator = torch.Generator(device=device).manual_seed(
-                batch_seed(seed, 0, start, "nll")
-            )
+            generator = torch.Generator(device=device).manual_seed(batch_seed(seed, start, "nll"))
             if metric.estimator == "full":
-                out = diffusion.nll_bpd(net, x0, generator=generator)  # type: ignore[operator]
+                out = diffusion.nll_bpd(  # type: ignore[operator]
+                    net, x0, generator=generator, clip_denoised=metric.clip_denoised
+                )
             else:
                 out = diffusion.nll_bpd_stratified(  # type: ignore[operator]
-                    net, x0, metric.num_terms, generator=generator
+                    net,
+                    x0,
+                    metric.num_terms,
+                    generator=generator,
+                    clip_denoised=metric.clip_denoised,
                 )
             metric.update(out)
     return metric.compute()
@@ -189,6 +210,7 @@ def evaluate_nll(
     progress: bool = True,
     estimator: str = "full",
     num_terms: int | None = None,
+    clip_denoised: bool = True,
     strategy: Collective | None = None,
 ) -> dict[str, Any]:
     """Bits/dim (the variational bound) on the first ``num_images`` images (collective).
@@ -206,6 +228,7 @@ def evaluate_nll(
         estimator: ``"full"`` (all T terms, the paper's protocol; T network evaluations per
             image) or ``"stratified"`` (an unbiased estimate from ``num_terms`` = K terms).
         num_terms: K, for ``"stratified"``.
+        clip_denoised: clip x̂₀ inside every term (the paper's evaluation) or not (``_unclipped``).
         strategy: the run's strategy (None: this process alone).
 
     Returns:
@@ -214,7 +237,7 @@ def evaluate_nll(
     """
     dataset = dataloader.dataset if isinstance(dataloader, DataLoader) else dataloader
     loader_batch = dataloader.batch_size if isinstance(dataloader, DataLoader) else None
-    metric = BitsPerDim(diffusion.num_timesteps, estimator, num_terms)  # type: ignore[arg-type]
+    metric = BitsPerDim(diffusion.num_timesteps, estimator, num_terms, clip_denoised)  # type: ignore[arg-type]
     return run_nll(
         diffusion,
         net,

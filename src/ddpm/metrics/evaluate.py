@@ -316,7 +316,6 @@ def run_sample_quality(
     image_shape: Sequence[int],
     batch_size: int,
     seed: int,
-    round_idx: int = 0,
     sampler: SamplerSpec | None = None,
     strategy: Collective | None = None,
     clip_denoised: bool = True,
@@ -345,7 +344,6 @@ def run_sample_quality(
         quality.num_samples,
         batch_size,
         seed,
-        round_idx,
         sampler=sampler,
         clip_denoised=clip_denoised,
         rank=strategy.global_rank,
@@ -392,7 +390,6 @@ def evaluate_sample_quality(
     cache_dir: str | os.PathLike[str] | None = None,
     device: torch.device | str | None = None,
     feature_extractor: str = "auto",
-    round_idx: int = 0,
     compute_is: bool = True,
     is_splits: int = 10,
     feature_batch_size: int = 100,
@@ -413,7 +410,7 @@ def evaluate_sample_quality(
         datamodule: provides ``image_shape`` and ``reference_dataset()``.
         num_samples: N (50 000 for the paper's protocol).
         batch_size: sampling batch size (one global batch runs on one rank).
-        seed: sampling seed; with ``round_idx`` it fixes the images for any world size.
+        seed: sampling seed: sample i starts from an x_T fixed by (seed, i) alone.
         sampler: the sampling protocol (None: the full ancestral sampler, the paper's).
         inception_weights: weights file (else ``$DDPM_INCEPTION_WEIGHTS``, torch hub's cache, a
             download into it); ignored for digits.
@@ -465,7 +462,6 @@ def evaluate_sample_quality(
         image_shape=tuple(datamodule.image_shape),
         batch_size=batch_size,
         seed=seed,
-        round_idx=round_idx,
         sampler=sampler,
         strategy=strategy,
         clip_denoised=clip_denoised,

@@ -39,6 +39,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module, run_cfg = load_inference_module(
         cfg.ckpt_path, cfg.pretrained, cfg.get("pretrained_diffusion")
     )
+    seed = _evaluation_seed(cfg, run_cfg)
+    with open_dict(cfg):
+        cfg.seed = seed  # before anything interpolates ${seed}
     speed = speed_options(cfg.get("speed"))
     module.ema.ema_net = fast_inference_net(module.ema.ema_net, **speed)
     data_node = run_cfg.data if run_cfg is not None else cfg.pretrained_data
@@ -66,7 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 steps=spec.steps,
                 eta=spec.eta,
                 spacing=spec.spacing,
-                seed=int(cfg.seed),
+                seed=seed,
                 feature_extractor=quality.feature_extractor,
                 inception_weights=cfg.metrics.inception_weights,
                 allow_download=bool(cfg.metrics.allow_download),
@@ -84,10 +87,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 batch_size=int(nll.batch_size),
                 split="test",
                 on_train_end=False,
-                seed=int(cfg.seed),
+                seed=seed,
                 save_terms=False,
                 estimator=str(nll.estimator),
                 num_terms=nll.get("num_terms"),
+                clip_denoised=bool(cfg.metrics.clip_bound),
             )
         )
     trainer: pl.Trainer = instantiate(
@@ -100,7 +104,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "pretrained": cfg.pretrained,
         "diffusion": module.diffusion.name,
         "num_timesteps": module.diffusion.num_timesteps,
-        "seed": int(cfg.seed),
+        "seed": seed,
         "speed": speed,
         "world_size": trainer.world_size,
     }
@@ -125,6 +129,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if key.startswith(("fid", "is_", "fd_", "nll_bpd")) and isinstance(value, float):
                 print(f"  {key}: {value:.4f}")
     return metrics
+
+
+def _evaluation_seed(cfg: DictConfig, run_cfg: DictConfig | None) -> int:
+    """``cfg.seed``, or when it is null the evaluated run's own ``seed`` (0 for a released
+    model): with the run's seed and sizes, eval.py draws the x_T the end-of-training evaluation
+    drew and reproduces its number exactly."""
+    if cfg.get("seed") is not None:
+        return int(cfg.seed)
+    return int(OmegaConf.select(run_cfg, "seed", default=0)) if run_cfg is not None else 0
 
 
 def _evaluation_sizes(cfg: DictConfig, run_cfg: DictConfig | None) -> tuple[DictConfig, DictConfig]:
