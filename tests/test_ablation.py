@@ -698,3 +698,74 @@ def test_delta_column_pairs_by_seed_and_marks_resolved(tmp_path):
     # mean 1.0, s = 0.2, half-width t₀.₉₇₅,₂·0.2/√3 = 0.4968; nll: mean 0, s = 0.1, 0.2484.
     assert row[DELTA_FD] == "+1.00 [+0.50, +1.50] ✓ (n=3)"
     assert row[DELTA_NLL] == "+0.000 [-0.248, +0.248] (n=3)"
+
+
+def test_noise_decomposition_from_re_evaluations(tmp_path):
+    """Var_total (own evaluations over training seeds) = Var_training + Var_evaluation (one
+    checkpoint over evaluation seeds, its own evaluation included)."""
+    from ddpm.ablation.noise import decompose, render
+
+    root = tmp_path / "sweep"
+    own = [10.0, 14.0, 12.0, 16.0]  # total sd √(20/3)
+    for seed, fd in enumerate(own):
+        _run(root, f"{seed}-eps", EPS_SIMPLE, "linear", seed, {FD: fd, "nll_bpd": 1.0 + seed / 10})
+    for k, fd in enumerate([11.0, 9.0, 10.0]):  # + the run's own 10.0: sd √(2/3)
+        out = root / "0-eps" / "noise" / f"seed{1000 + k}"
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({FD: fd, "nll_bpd": 1.0}))
+    runs = [ablation.classify_run(p) for p in ablation.find_runs(root)]
+    assert len(runs) == 4  # the noise re-evaluations are not runs of their own
+    rows = {r.metric: r for r in decompose(runs, [FD, "nll_bpd"])}
+    fd = rows[FD]
+    assert (fd.experiment, fd.checkpoint_seed, fd.evaluation_n, fd.total_n) == (
+        "table2_eps_simple", 0, 4, 4,
+    )  # fmt: skip
+    assert fd.evaluation_sd == pytest.approx((2 / 3) ** 0.5, abs=1e-12)
+    assert fd.total_sd == pytest.approx((20 / 3) ** 0.5, abs=1e-12)
+    assert fd.training_sd == pytest.approx(6**0.5, abs=1e-12)
+    assert rows["nll_bpd"].evaluation_sd == 0.0  # four identical bounds
+    assert (
+        "| table2_eps_simple | `fd_digits_400` | 0.816 (4) | 2.582 (4) | 2.449 | 0.33 |"
+        in render(list(rows.values()))
+    )
+
+
+def test_re_evaluation_commands_refuse_an_unknown_row(tmp_path, capsys):
+    from ddpm import sweep_eval
+    from ddpm.ablation import noise
+
+    (tmp_path / "s").mkdir()
+    assert (
+        sweep_eval.main(
+            [str(tmp_path / "s"), "--sampler", "ddim:5", "--experiments", "table2_eps_simpel"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        "unknown experiment(s) table2_eps_simpel: choose from" in err and "table2_eps_simple" in err
+    )
+    assert noise.main([str(tmp_path / "s"), "--experiments", "nope"]) == 2
+    assert noise.main([str(tmp_path / "s"), "--eval-seeds", "a,b"]) == 2
+
+
+def test_sweep_eval_re_evaluates_only_the_rows_asked_for(tmp_path, monkeypatch):
+    from ddpm import sweep_eval
+
+    root = tmp_path / "sweep"
+    for name, objective in (("0-eps", EPS_SIMPLE), ("1-mu", MU_VLB)):
+        run = _run(root, name, objective, "linear", 0, {FD: 1.0})
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    called = []
+
+    def fake_run(command, **kwargs):
+        called.append(next(a for a in command if a.startswith("ckpt_path=")))
+        out = Path(next(a for a in command if a.startswith("hydra.run.dir="))[14:])
+        (out / "metrics.json").write_text(json.dumps({"fd_digits_400": 2.0}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(sweep_eval.subprocess, "run", fake_run)
+    argv = [str(root), "--sampler", "ancestral", "--experiments", "table2_mu_vlb_fixed"]
+    assert sweep_eval.main(argv) == 0
+    assert called == [f"ckpt_path={root / '1-mu' / 'checkpoints' / 'last.ckpt'}"]

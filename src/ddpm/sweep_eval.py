@@ -22,7 +22,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ddpm.ablation import EVALUATIONS_DIR, find_runs
+from ddpm.ablation import EVALUATIONS_DIR, classify_run, find_runs
+from ddpm.ablation.rows import experiment_of, parse_experiments
 from ddpm.diffusion.sampling import SamplerSpec
 
 __all__ = ["evaluation_dir", "main", "parse_sampler"]
@@ -76,9 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--eval-args", nargs="*", default=[], help="extra Hydra overrides of src/eval.py"
     )
+    parser.add_argument(
+        "--experiments",
+        default="",
+        help="comma-separated rows to re-evaluate, by experiment name (default: every run)",
+    )
     args = parser.parse_args(argv)
 
+    try:
+        wanted = parse_experiments(args.experiments)
+    except ValueError as err:
+        print(f"error: --experiments: {err}", file=sys.stderr)
+        return 2
     runs = [r for r in find_runs(args.sweep_dir) if (r / "metrics.json").is_file()]
+    if wanted:
+        runs = [r for r in runs if experiment_of(classify_run(r).objective_key) in wanted]
     for run in runs:
         if not (run / "checkpoints" / "last.ckpt").is_file():
             print(f"skipped {run}: no checkpoints/last.ckpt", file=sys.stderr)

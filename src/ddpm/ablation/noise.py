@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ddpm.ablation.rows import objectives
+from ddpm.ablation.rows import experiment_of, parse_experiments
 from ddpm.ablation.runs import NOISE_DIR, RunRecord, _finite, classify_run, find_runs
 from ddpm.ablation.table import _sample_quality_keys
 
@@ -65,14 +65,6 @@ class NoiseRow:
 
 def _sd(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else math.nan
-
-
-def _experiment(run: RunRecord) -> str:
-    """The row's experiment name (``table2_eps_simple``), else its objective key joined."""
-    by_key = {o.key: o.experiment for o in objectives()}
-    if run.objective_key in by_key:
-        return by_key[run.objective_key]
-    return "-".join(str(k) for k in (run.objective_key or ("?",)) if k)
 
 
 def _noise_metrics(run: RunRecord) -> list[dict]:
@@ -108,7 +100,7 @@ def decompose(runs: Sequence[RunRecord], metrics: Sequence[str]) -> list[NoiseRo
                 continue
             rows.append(
                 NoiseRow(
-                    _experiment(checkpoint), metric, int(checkpoint.seed), _sd(repeats),
+                    experiment_of(checkpoint.objective_key), metric, int(checkpoint.seed), _sd(repeats),
                     len(repeats), _sd(own), len(own),
                 )
             )  # fmt: skip
@@ -180,13 +172,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    wanted = {e for e in args.experiments.split(",") if e}
+    try:
+        wanted = parse_experiments(args.experiments)
+    except ValueError as err:
+        print(f"error: --experiments: {err}", file=sys.stderr)
+        return 2
     runs = [classify_run(p) for p in find_runs(args.sweep_dir)]
     chosen: dict[tuple, RunRecord] = {}
     for run in sorted(
         (r for r in runs if r.status == "ok" and r.seed is not None), key=lambda r: r.seed
     ):
-        if wanted and _experiment(run) not in wanted:
+        if wanted and experiment_of(run.objective_key) not in wanted:
             continue
         if (run.path / "checkpoints" / "last.ckpt").is_file():
             chosen.setdefault((run.objective_key, run.schedule), run)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from ddpm.ablation.runs import ObjectiveKey, _select, objective_variant
 
-__all__ = ["PAPER_SCHEDULE", "Objective", "objectives"]
+__all__ = ["PAPER_SCHEDULE", "Objective", "experiment_of", "objectives", "parse_experiments"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,31 @@ def objectives() -> tuple[Objective, ...]:
         )
         found.append((float(row.order), file.stem, objective))
     return tuple(objective for _, _, objective in sorted(found))
+
+
+def experiment_of(key: ObjectiveKey | None) -> str:
+    """The experiment config that trains ``key`` (``table2_eps_simple``), else the key joined
+    with ``-`` (an objective no experiment config names), or ``"?"`` for no key."""
+    for objective in objectives():
+        if objective.key == key:
+            return objective.experiment
+    return "-".join(str(k) for k in key if k) if key else "?"
+
+
+def parse_experiments(text: str) -> set[str]:
+    """``"a,b"`` → ``{"a", "b"}`` (empty: every row).
+
+    Raises:
+        ValueError: a name that is no row of the table, listing the rows.
+    """
+    wanted = {e.strip() for e in text.split(",") if e.strip()}
+    known = [o.experiment for o in objectives()]
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown experiment(s) {', '.join(unknown)}: choose from {', '.join(known)}"
+        )
+    return wanted
 
 
 #: The schedule the paper's numbers were measured with.
