@@ -769,3 +769,20 @@ def test_sweep_eval_re_evaluates_only_the_rows_asked_for(tmp_path, monkeypatch):
     argv = [str(root), "--sampler", "ancestral", "--experiments", "table2_mu_vlb_fixed"]
     assert sweep_eval.main(argv) == 0
     assert called == [f"ckpt_path={root / '1-mu' / 'checkpoints' / 'last.ckpt'}"]
+
+
+def test_unclipped_bounds_fill_the_nll_column_under_their_own_name(tmp_path):
+    """Runs evaluated with metrics.clip_bound=false (or before clipping) report
+    nll_bpd_unclipped; the table shows it and names it, and never as the paper's bound."""
+    root = tmp_path / "sweep"
+    _run(root, "0-eps", EPS_SIMPLE, "linear", 0, {FD: 1.0, "nll_bpd_unclipped": 1.5})
+    _run(root, "1-eps", EPS_SIMPLE, "linear", 1, {FD: 2.0, "nll_bpd_unclipped": float("nan")})
+    runs = [ablation.classify_run(p) for p in ablation.find_runs(root)]
+    assert [r.reason for r in runs] == ["", "non-finite bound (nll_bpd_unclipped)"]
+    table = ablation.build_table(runs)
+    assert table.nll_key == "nll_bpd_unclipped"
+    row = _cells(table)[("table2_eps_simple", "linear")]
+    assert row["NLL test (nll_bpd_unclipped) ↓"] == "1.500 (n=1)"
+    md = ablation.render_markdown(table)
+    assert "x̂₀ unclipped: not the paper's protocol" in md
+    assert "| Run | Seed | fd_digits_400 | reason | nll_bpd_unclipped |" in md

@@ -230,9 +230,10 @@ def _instability(metrics: Mapping[str, Any]) -> str:
     for key, value in metrics.items():
         if key.startswith("nonfinite_frac") and _finite(value) and value > 0:
             return f"non-finite samples ({value:.1%} in {key})"
-    nll = metrics.get("nll_bpd")
-    if isinstance(nll, (int, float)) and not isinstance(nll, bool) and not math.isfinite(nll):
-        return "non-finite bound (nll_bpd)"
+    for key in ("nll_bpd", "nll_bpd_unclipped"):
+        nll = metrics.get(key)
+        if isinstance(nll, (int, float)) and not isinstance(nll, bool) and not math.isfinite(nll):
+            return f"non-finite bound ({key})"
     return ""
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "BASELINE_KEY",
     "DIVERGED",
     "MISSING",
+    "NLL_KEYS",
     "Cell",
     "Table",
     "TableRow",
@@ -53,6 +54,17 @@ def _sample_quality_keys(runs: Iterable[RunRecord]) -> tuple[str | None, str | N
         fd_key = min(counts, key=lambda k: (not k.startswith("fid_"), -counts[k], k))
     is_key = "is_" + fd_key.split("_", 1)[1] if fd_key.startswith("fid_") else None
     return fd_key, is_key
+
+
+#: Bits/dim columns in order of preference: the bound as the paper evaluates it (x̂₀ clipped),
+#: else the unclipped bound (``metrics.clip_bound=false``, or runs from before clipping).
+NLL_KEYS = ("nll_bpd", "nll_bpd_unclipped")
+
+
+def _nll_key(runs: Iterable[RunRecord]) -> str:
+    """The first of :data:`NLL_KEYS` that any run has, else ``nll_bpd``."""
+    have = {k for r in runs for k, v in (r.metrics or {}).items() if _finite(v)}
+    return next((k for k in NLL_KEYS if k in have), NLL_KEYS[0])
 
 
 # ---------------------------------------------------------------------------- the table
@@ -177,6 +189,8 @@ class Table:
     baseline: float | None = None
     #: Why there is no baseline, when there is none.
     baseline_note: str = ""
+    #: The bits/dim column (:data:`NLL_KEYS`).
+    nll_key: str = NLL_KEYS[0]
 
 
 def _worse_than_baseline(run: RunRecord, fd_key: str | None, baseline: float | None) -> RunRecord:
@@ -212,6 +226,7 @@ def build_table(
     else:
         is_key = "is_" + fd_key.split("_", 1)[1] if fd_key.startswith("fid_") else None
     runs = [_worse_than_baseline(run, fd_key, baseline) for run in runs]
+    nll_key = _nll_key(runs)
     groups: dict[tuple[ObjectiveKey, str], list[RunRecord]] = {}
     unclassified = []
     for run in runs:
@@ -255,7 +270,7 @@ def build_table(
         row.cells = {
             "is": _cell(members, is_key, 2),
             "fd": _cell(members, fd_key, 2),
-            "nll": _cell(members, "nll_bpd", 3),
+            "nll": _cell(members, nll_key, 3),
             "range": _out_of_range_cell(members),
         }
         if schedule == PAPER_SCHEDULE:
@@ -268,8 +283,8 @@ def build_table(
             row.paper = {"is": "", "fd": "", "nll": ""}
         row.status = _status(members)
         rows.append(row)
-    _paired_deltas(rows, {"fd": fd_key, "nll": "nll_bpd"})
-    return Table(rows, fd_key, is_key, unclassified, list(runs), baseline, baseline_note)
+    _paired_deltas(rows, {"fd": fd_key, "nll": nll_key})
+    return Table(rows, fd_key, is_key, unclassified, list(runs), baseline, baseline_note, nll_key)
 
 
 def _paired_deltas(rows: Sequence[TableRow], keys: dict[str, str | None]) -> None:

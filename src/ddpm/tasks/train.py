@@ -190,8 +190,8 @@ def _optimized_metric_name(cfg: DictConfig, metrics: dict[str, Any], trainer: pl
     """The key of ``metrics`` that Hydra sweepers optimise (``cfg.optimized_metric``).
 
     None in the config picks the metric of the end-of-training sample-quality evaluation (its
-    name carries the protocol, e.g. ``fd_digits_1k_dpmpp15``), else ``nll_bpd``, else the final
-    training loss.
+    name carries the protocol, e.g. ``fd_digits_1k_dpmpp15``), else the bound (``nll_bpd`` or
+    ``nll_bpd_unclipped``), else the final training loss.
 
     Whether it was computed is checked by :func:`_check_optimized_metric`.
     """
@@ -202,7 +202,7 @@ def _optimized_metric_name(cfg: DictConfig, metrics: dict[str, Any], trainer: pl
         if isinstance(callback, SampleQualityCallback) and callback.run_on_train_end:
             for key in callback.last_metrics:  # the Fréchet distance comes first
                 return key
-    for key in ("nll_bpd", "final_train_loss"):
+    for key in ("nll_bpd", "nll_bpd_unclipped", "final_train_loss"):
         if key in metrics:
             return key
     return "final_train_loss"
@@ -276,7 +276,7 @@ def _print_summary(metrics: dict[str, Any], path: Path, trainer: pl.Trainer, off
             lines.append(f"W&B (offline): {run_dir}  →  upload with: wandb sync {run_dir}")
     if metrics.get("diverged"):
         lines.append(f"DIVERGED at step {metrics.get('diverged_at_step')}: {metrics.get('error')}")
-    shown = ("final_train_loss", "nll_bpd", metrics.get("optimized_metric"))
+    shown = ("final_train_loss", "nll_bpd", "nll_bpd_unclipped", metrics.get("optimized_metric"))
     for key in dict.fromkeys(k for k in shown if k):
         if isinstance(metrics.get(key), (int, float)):
             lines.append(f"{key}: {metrics[key]:.4f}")
