@@ -241,6 +241,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
         (["variance=fixed_small", "loss=hybrid"], "Use loss=simple, or a learned variance"),
         (["parameterization=epsilon"], "Available options"),
         (["trainer.max_stpes=3"], "max_stpes"),
+        (["optimizer.lr=-1e-3"], "invalid optimizer settings (optimizer.lr=-0.001, "),
         (
             ["data=cifar10", "data.download=false", "model.attn_resolutions=[16]"],
             "cifar-10-python.tar.gz",

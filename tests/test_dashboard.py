@@ -273,10 +273,20 @@ def test_cli_refuses_without_credentials_before_any_work(monkeypatch, tmp_path, 
 
 def test_cli_dry_run_lists_the_panels_without_credentials(monkeypatch, tmp_path, capsys):
     _no_credentials(monkeypatch, tmp_path)
-    assert dashboard.main(["--entity", "e", "--dry-run", "data=digits", "+scale=cpu"]) == 0
+    assert dashboard.main(["--dry-run", "data=digits", "+scale=cpu"]) == 0  # no --entity needed
     out = capsys.readouterr().out
-    assert "fd_digits_400" in out and "train/loss_q0" in out and "nll_terms" in out
+    assert "fd_digits_5k_dpmpp15" in out and "train/loss_q0" in out and "nll_terms" in out
     assert "config.schedule.name" in out
+
+
+def test_cli_needs_an_entity_only_to_save(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(dashboard_cli, "wandb_has_credentials", lambda: True)
+    with pytest.raises(SystemExit) as exit_info:
+        dashboard.main(["--project", "p", "data=digits"])
+    assert exit_info.value.code == 2
+    assert "--entity is required to save a workspace (--dry-run needs none)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_cli_saves_the_workspace_for_a_sweep_group(monkeypatch, tmp_path, capsys):

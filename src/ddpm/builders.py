@@ -77,6 +77,20 @@ def build_net(
     )
 
 
+def _build_optimizer_factory(node: DictConfig) -> Any:
+    """The optimiser factory of ``cfg.optimizer``, tried once on a stand-in parameter so that a bad
+    setting (``optimizer.lr=-1e-3``) stops here with the keys named, not inside ``trainer.fit``."""
+    factory = _instantiate(node, "optimizer")
+    try:
+        factory([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        given = ", ".join(
+            f"optimizer.{key}={value}" for key, value in node.items() if not str(key).startswith("_")
+        )
+        raise ConfigError(f"invalid optimizer settings ({given}): {err}") from None
+    return factory
+
+
 def build_module(cfg: DictConfig, image_shape: tuple[int, int, int]) -> DiffusionLitModule:
     """The LightningModule wiring net, diffusion and optimiser from ``cfg``.
 
@@ -84,7 +98,7 @@ def build_module(cfg: DictConfig, image_shape: tuple[int, int, int]) -> Diffusio
     """
     diffusion = build_diffusion(cfg)
     net = build_net(cfg, diffusion, image_shape)
-    optimizer = _instantiate(cfg.optimizer, "optimizer") if cfg.get("optimizer") else None
+    optimizer = _build_optimizer_factory(cfg.optimizer) if cfg.get("optimizer") else None
     module_cfg = OmegaConf.to_container(cfg.module, resolve=True) if cfg.get("module") else {}
     speed = OmegaConf.to_container(cfg.speed, resolve=True) if cfg.get("speed") else {}
     return DiffusionLitModule(

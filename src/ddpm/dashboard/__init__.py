@@ -8,7 +8,7 @@ naming function (:func:`ddpm.metrics.evaluate.sample_quality_names`):
 
 - ``{fd}``: the Fréchet distance of the end-of-training sample-quality evaluation
   (``fid_10k_ddim100`` on CIFAR-10, ``fid_50k`` with ``+scale=paper``, ``fd_digits_1k_dpmpp15``
-  on digits, ``fd_digits_400`` with ``+scale=cpu``);
+  on digits, ``fd_digits_5k_dpmpp15`` with ``+scale=cpu``);
 - ``{is}``: the Inception score next to it (Inception features only);
 - ``{fd_curve}``, ``{is_curve}``: the same for every evaluation, periodic ones included;
 - ``{lr}``: Lightning's ``LearningRateMonitor`` key for the configured optimiser (``lr-Adam``).

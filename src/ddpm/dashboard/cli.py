@@ -40,7 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Save the ddpm-lab W&B workspace (Table 2, training curves, bound terms, "
         "sample grids, sample quality) for the runs of a project.",
     )
-    parser.add_argument("--entity", required=True, help="W&B entity (user or team)")
+    parser.add_argument(
+        "--entity", default=None, help="W&B entity (user or team); not needed with --dry-run"
+    )
     parser.add_argument("--project", default="ddpm-lab", help="W&B project (default ddpm-lab)")
     parser.add_argument(
         "--sweep-group",
@@ -58,9 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overrides",
         nargs="*",
         help="Hydra overrides of the sweep (e.g. data=digits +scale=cpu): they fix the "
-        "protocol-bearing metric names (fd_digits_400, fid_10k_ddim100)",
+        "protocol-bearing metric names (fd_digits_5k_dpmpp15, fid_10k_ddim100)",
     )
     args = parser.parse_args(argv)
+    if args.entity is None and not args.dry_run:
+        parser.error("--entity is required to save a workspace (--dry-run needs none)")
 
     # Refuse before anything can reach the network: saving a workspace needs an account.
     if not args.dry_run and not wandb_has_credentials():
@@ -90,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     workspace = build_workspace(
         cfg,
-        entity=args.entity,
+        entity=args.entity or "<entity>",  # only a dry run gets here without one
         project=args.project,
         sweep_group=args.sweep_group,
         name=args.name,
