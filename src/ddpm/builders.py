@@ -85,7 +85,9 @@ def _build_optimizer_factory(node: DictConfig) -> Any:
         factory([torch.nn.Parameter(torch.zeros(1))])
     except (ValueError, TypeError) as err:
         given = ", ".join(
-            f"optimizer.{key}={value}" for key, value in node.items() if not str(key).startswith("_")
+            f"optimizer.{key}={value}"
+            for key, value in node.items()
+            if not str(key).startswith("_")
         )
         raise ConfigError(f"invalid optimizer settings ({given}): {err}") from None
     return factory

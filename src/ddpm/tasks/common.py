@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,45 @@ from ddpm.data.errors import DatasetNotFoundError
 from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.errors import ConfigError, UserError
 
-__all__ = ["git_commit", "resolve_device", "run_task", "sampler_spec", "write_json_atomic"]
+__all__ = [
+    "git_commit",
+    "quiet_third_party_notices",
+    "resolve_device",
+    "run_task",
+    "sampler_spec",
+    "write_json_atomic",
+]
+
+
+class _NoLightningAdvert(logging.Filter):
+    """Drops Lightning's "💡 Tip … litlogger" line, an advert printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_third_party_notices() -> None:
+    """Silence, narrowly, what every run printed that is not the user's business: Lightning's
+    litlogger advert (one filter on the logger that emits it) and the FutureWarning torch raises
+    when Lightning's own ``utilities/_pytree.py`` constructs a ``LeafSpec`` (matched by its
+    message and Lightning's module, so the same warning from the user's code still shows)."""
+    advert_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoLightningAdvert) for f in advert_log.filters):
+        advert_log.addFilter(_NoLightningAdvert())
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
 
 
 def run_task(fn: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> dict[str, Any]:
-    """Call ``fn(cfg)``; on a :class:`UserError` or a missing dataset print ``error: …``, exit 1."""
+    """Call ``fn(cfg)``; on a :class:`UserError` or a missing dataset print ``error: …``, exit 1.
+
+    Third-party notices that are not about the run are silenced first
+    (:func:`quiet_third_party_notices`)."""
+    quiet_third_party_notices()
     try:
         return fn(cfg)
     except (UserError, DatasetNotFoundError) as err:
