@@ -3,6 +3,7 @@
 from ddpm.callbacks.checkpoint_io import AtomicCheckpointIO
 from ddpm.callbacks.model_checkpoint import ModelCheckpoint
 from ddpm.callbacks.nll import NLLCallback
+from ddpm.callbacks.progress import StepProgressBar
 from ddpm.callbacks.sample_grid import SampleGridCallback
 from ddpm.callbacks.sample_quality import SampleQualityCallback
 
@@ -12,4 +13,5 @@ __all__ = [
     "NLLCallback",
     "SampleGridCallback",
     "SampleQualityCallback",
+    "StepProgressBar",
 ]
