@@ -258,3 +258,13 @@ def test_each_job_of_one_process_gets_its_own_wandb_run(compose_cfg, tmp_path):
         assert wandb.run is None, "the W&B run of a finished job is still open"
         run_dirs += sorted((tmp_path / job / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 2 and run_dirs[0].name != run_dirs[1].name
+
+
+def test_a_run_keeps_last_plus_a_bounded_number_of_checkpoints(compose_cfg, tmp_path):
+    """+scale=tiny keeps the newest 2 periodic checkpoints (by step) and last.ckpt, however
+    many it wrote on the way."""
+    cfg = compose_cfg("trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=2")
+    assert cfg.callbacks.model_checkpoint.save_top_k == 2
+    train(cfg)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step_0000008.ckpt", "step_0000010.ckpt"]
