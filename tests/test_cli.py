@@ -90,7 +90,11 @@ def test_train_with_wandb_offline_then_sample_and_eval(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     images = np.load(sample_dir / "samples.npz")["images"]
     assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
-    assert (sample_dir / "samples.png").is_file()
+    # The grid is scaled for reading: 6 digits of 8×8 in 3 columns (3·9 + 1 = 28 px wide, 19 tall
+    # with 1-px padding) at ⌈32/8⌉ = 4.
+    from PIL import Image
+
+    assert Image.open(sample_dir / "samples.png").size == (28 * 4, 19 * 4)
     assert "sampler: dpmpp_2m, 10 network evaluations per image" in proc.stdout
 
     eval_dir = tmp_path / "eval"

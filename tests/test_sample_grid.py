@@ -113,3 +113,9 @@ def test_a_resumed_run_does_not_redo_the_grid_of_its_start_step(tmp_path: Path) 
         "final.png",
         "step_0000006.png",
     ]
+
+
+def test_grid_scale_makes_small_images_readable():
+    from ddpm.images import auto_grid_scale
+
+    assert [auto_grid_scale(h) for h in (8, 16, 28, 32, 64, 256)] == [4, 2, 2, 1, 1, 1]

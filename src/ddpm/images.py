@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["make_grid", "quantize_to_uint8", "save_grid_png"]
+__all__ = [
+    "MIN_DISPLAY_PIXELS",
+    "auto_grid_scale",
+    "make_grid",
+    "quantize_to_uint8",
+    "save_grid_png",
+]
 
 
 def quantize_to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -52,6 +58,16 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1) -
     b, c = images.shape[:2]
     grid = torchvision_grid(images, nrow=nrow or max(1, math.ceil(math.sqrt(b))), padding=padding)
     return grid[:c].permute(1, 2, 0).numpy()  # torchvision repeats one channel to three
+
+
+#: A grid written without an explicit scale shows every image at least this many pixels tall.
+MIN_DISPLAY_PIXELS = 32
+
+
+def auto_grid_scale(height: int) -> int:
+    """The nearest-neighbour upscaling that makes ``height``-pixel images readable in a grid:
+    ⌈32 / height⌉, at least 1 (8×8 digits → 4, CIFAR-10's 32×32 → 1)."""
+    return max(1, math.ceil(MIN_DISPLAY_PIXELS / int(height)))
 
 
 def save_grid_png(

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ddpm.builders import ensure_writable_dir, load_for_inference
 from ddpm.errors import ConfigError
-from ddpm.images import quantize_to_uint8, save_grid_png
+from ddpm.images import auto_grid_scale, quantize_to_uint8, save_grid_png
 from ddpm.models.speed import fast_inference_net, speed_options
 from ddpm.tasks.common import resolve_device, sampler_spec
 
@@ -31,6 +31,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     num_samples, batch_size = int(cfg.num_samples), int(cfg.batch_size)
     if num_samples < 1 or batch_size < 1:
         raise ConfigError(f"num_samples={num_samples} and batch_size={batch_size} must be >= 1")
+    scale = cfg.get("grid_scale")
+    if scale is None:
+        scale = auto_grid_scale(image_shape[-2])
+    elif int(scale) < 1:
+        raise ConfigError(f"grid_scale={scale}: give a positive integer, or null to choose it")
+    scale = int(scale)
     chunks = []
     for start in tqdm(range(0, num_samples, batch_size), desc="batches"):
         n = min(batch_size, num_samples - start)
@@ -47,7 +53,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         chunks.append(quantize_to_uint8(x).cpu())
     images = torch.cat(chunks)
-    png = save_grid_png(images[:256], Path(output_dir) / "samples.png", scale=int(cfg.grid_scale))
+    png = save_grid_png(images[:256], Path(output_dir) / "samples.png", scale=scale)
     npz = Path(output_dir) / "samples.npz"
     np.savez_compressed(npz, images=images.permute(0, 2, 3, 1).numpy())
     # β_T = 1 exactly when ᾱ_T = 0 (zero terminal SNR).
