@@ -264,6 +264,21 @@ def test_bad_input_stops_with_one_clear_message(tmp_path, overrides, expected):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_a_run_without_its_data_leaves_no_wandb_run(tmp_path):
+    """The config is logged once the data are ready: missing CIFAR-10 stops the run before any
+    W&B run exists, so there is nothing for `wandb sync` to upload."""
+    out = tmp_path / "r"
+    proc = run(
+        [
+            "src/train.py", *tiny(tmp_path, "logger=wandb"), "data=cifar10", "data.download=false",
+            "model.attn_resolutions=[16]", f"hydra.run.dir={out}",
+        ],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "cifar-10-python.tar.gz" in proc.stderr, proc.stderr[-2000:]
+    assert not list(tmp_path.rglob("offline-run-*")), sorted(map(str, tmp_path.rglob("*run-*")))
+
+
 def test_paper_command_composes_exactly_as_written(tmp_path):
     proc = run(
         [

@@ -67,6 +67,18 @@ def _prepare_wandb(cfg: DictConfig) -> bool:
     return offline
 
 
+class _LogRunConfig(pl.Callback):
+    """Logs the run's config to every logger once the data are ready (``on_fit_start`` follows
+    ``prepare_data`` and ``setup``), so a run that fails on its data creates no W&B run."""
+
+    def __init__(self, hparams: dict[str, Any]) -> None:
+        self.hparams = hparams
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.hparams)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train the configured model; return the metrics also written to ``<output_dir>/metrics.json``.
 
@@ -105,19 +117,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = _instantiate_dict(cfg.get("logger"))
+    hparams = {
+        "config": module.run_config,
+        "git_commit": git_commit(),
+        "diffusion": diffusion_name,
+        "num_parameters": sum(p.numel() for p in module.net.parameters()),
+    }
+    callbacks.append(_LogRunConfig(hparams))
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
     try:
-        hparams = {
-            "config": module.run_config,
-            "git_commit": git_commit(),
-            "diffusion": diffusion_name,
-            "num_parameters": sum(p.numel() for p in module.net.parameters()),
-        }
-        for logger in trainer.loggers:
-            logger.log_hyperparams(hparams)
-
         metrics: dict[str, Any] = {
             "run_name": cfg.get("run_name"),
             "diffusion": diffusion_name,
