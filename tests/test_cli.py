@@ -262,6 +262,14 @@ def test_bad_input_stops_with_one_clear_message(tmp_path, overrides, expected):
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # A run directory that exists (Hydra made it before our checks ran; a composition error
+    # stops before) says in its log why it holds no results.
+    run_dir = tmp_path / "r"
+    hydra_composed = not any(o.startswith(("parameterization=", "trainer.max_")) for o in overrides)
+    assert run_dir.is_dir() == hydra_composed
+    if hydra_composed:
+        log = (run_dir / "train.log").read_text()
+        assert "error: " in log and expected in log.split("error: ", 1)[1], log[-2000:]
 
 
 def test_a_run_without_its_data_leaves_no_wandb_run(tmp_path):

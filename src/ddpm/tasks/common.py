@@ -67,7 +67,17 @@ def run_task(fn: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> dic
     except (UserError, DatasetNotFoundError) as err:
         logging.getLogger("ddpm").debug("user error", exc_info=True)
         print(f"error: {err}", file=sys.stderr, flush=True)
+        _write_to_log_files(f"error: {err}")
         raise SystemExit(1) from None
+
+
+def _write_to_log_files(message: str) -> None:
+    """Append ``message`` to the run's log file(s) (Hydra's job log), not to the console, which
+    has it already: the run directory then says why it holds no results."""
+    record = logging.LogRecord("ddpm", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def git_commit() -> str | None:
