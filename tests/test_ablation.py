@@ -769,6 +769,11 @@ def test_sweep_eval_re_evaluates_only_the_rows_asked_for(tmp_path, monkeypatch):
     argv = [str(root), "--sampler", "ancestral", "--experiments", "table2_mu_vlb_fixed"]
     assert sweep_eval.main(argv) == 0
     assert called == [f"ckpt_path={root / '1-mu' / 'checkpoints' / 'last.ckpt'}"]
+    assert sweep_eval.main([str(root), "--sampler", "ddim:5", "--seeds", "1"]) == 0
+    assert len(called) == 1  # both runs have seed 0
+    assert sweep_eval.main([str(root), "--sampler", "ddim:5", "--seeds", "0,1"]) == 0
+    assert len(called) == 3
+    assert sweep_eval.main([str(root), "--sampler", "ddim:5", "--seeds", "x"]) == 2
 
 
 def test_unclipped_bounds_fill_the_nll_column_under_their_own_name(tmp_path):

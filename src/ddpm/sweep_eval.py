@@ -82,7 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma-separated rows to re-evaluate, by experiment name (default: every run)",
     )
+    parser.add_argument(
+        "--seeds",
+        default="",
+        help="comma-separated training seeds to re-evaluate (default: every seed)",
+    )
     args = parser.parse_args(argv)
+    try:
+        seeds = {int(s) for s in args.seeds.split(",") if s.strip()}
+    except ValueError:
+        print(f"error: --seeds {args.seeds!r}: give integers, e.g. 0,1,2", file=sys.stderr)
+        return 2
 
     try:
         wanted = parse_experiments(args.experiments)
@@ -90,8 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --experiments: {err}", file=sys.stderr)
         return 2
     runs = [r for r in find_runs(args.sweep_dir) if (r / "metrics.json").is_file()]
-    if wanted:
-        runs = [r for r in runs if experiment_of(classify_run(r).objective_key) in wanted]
+    if wanted or seeds:
+        records = [classify_run(r) for r in runs]
+        runs = [
+            record.path
+            for record in records
+            if (not wanted or experiment_of(record.objective_key) in wanted)
+            and (not seeds or record.seed in seeds)
+        ]
     for run in runs:
         if not (run / "checkpoints" / "last.ckpt").is_file():
             print(f"skipped {run}: no checkpoints/last.ckpt", file=sys.stderr)
