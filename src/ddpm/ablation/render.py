@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 from ddpm.ablation.runs import RunRecord, _finite, _select
 from ddpm.ablation.stats import LEVEL, Interval
 from ddpm.ablation.table import (
-    BASELINE_KEY,
     DIVERGED,
     MISSING,
     Table,
@@ -141,16 +140,6 @@ def delta_text(delta: Interval | None, digits: int, is_baseline: bool = False) -
     return f"{mean} [{delta.low:+.{digits}f}, {delta.high:+.{digits}f}]{mark} (n={delta.n})"
 
 
-def _is_baseline(row: TableRow) -> bool:
-    return (
-        row.parameterization,
-        row.variance,
-        row.loss,
-        row.weighting,
-        row.variant,
-    ) == BASELINE_KEY
-
-
 def display_row(row: TableRow) -> list[str]:
     finished = [r for r in row.runs if r.metrics is not None]
     return [
@@ -163,8 +152,8 @@ def display_row(row: TableRow) -> list[str]:
         row.cells["is"].text,
         row.cells["fd"].text,
         row.cells["nll"].text,
-        delta_text(row.delta.get("fd"), 2, _is_baseline(row)),
-        delta_text(row.delta.get("nll"), 3, _is_baseline(row)),
+        delta_text(row.delta.get("fd"), 2, row.is_baseline),
+        delta_text(row.delta.get("nll"), 3, row.is_baseline),
         row.cells["range"].text,
         row.paper["is"],
         row.paper["fd"],
@@ -472,7 +461,7 @@ def plot_tradeoff(table: Table, path: str | Path) -> Path | None:
             ax.errorbar(
                 nll.mean, fd.mean, xerr=err(nll), yerr=err(fd), fmt="o", capsize=3,
                 color=f"C{i % 10}", label=f"{row.experiment or row.label} (n={fd.n})",
-                markeredgecolor="black" if _is_baseline(row) else None,
+                markeredgecolor="black" if row.is_baseline else None,
             )  # fmt: skip
         ax.set_xlabel(f"{table.nll_key} (bits/dim) ↓")
         ax.set_ylabel(f"{table.fd_key} ↓")

@@ -101,6 +101,15 @@ class TableRow:
     delta: dict[str, Interval | None] = field(default_factory=dict)
 
     @property
+    def key(self) -> ObjectiveKey:
+        return (self.parameterization, self.variance, self.loss, self.weighting, self.variant)
+
+    @property
+    def is_baseline(self) -> bool:
+        """This row is ε + L_simple, the one every row of its schedule is compared with."""
+        return self.key == BASELINE_KEY
+
+    @property
     def seeds(self) -> list[int]:
         return sorted({r.seed for r in self.runs if r.seed is not None})
 
@@ -290,11 +299,7 @@ def build_table(
 def _paired_deltas(rows: Sequence[TableRow], keys: dict[str, str | None]) -> None:
     """Fill ``row.delta``: each row minus the :data:`BASELINE_KEY` row of its schedule, paired
     by seed (:func:`~ddpm.ablation.stats.paired_difference`)."""
-    baselines = {
-        r.schedule: r
-        for r in rows
-        if (r.parameterization, r.variance, r.loss, r.weighting, r.variant) == BASELINE_KEY
-    }
+    baselines = {r.schedule: r for r in rows if r.is_baseline}
     for row in rows:
         base = baselines.get(row.schedule)
         row.delta = {}
