@@ -169,10 +169,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             path = write_json_atomic(metrics, output_dir / "metrics.json")
             _print_summary(metrics, path, trainer, offline_wandb)
+            _draw_plots(output_dir)
         _check_optimized_metric(metrics)
         return metrics
     finally:
         _finish_wandb(trainer)
+
+
+def _draw_plots(output_dir: Path) -> None:
+    """The run's curves and bound terms as PNGs in ``<output_dir>/plots/`` (:mod:`ddpm.plots`)."""
+    from ddpm.plots import plot_run
+
+    try:
+        written = plot_run(output_dir)
+    except Exception as err:  # pictures are a convenience: a finished run is never lost to them
+        log.warning("could not draw the run's plots: %s: %s", type(err).__name__, err)
+        return
+    if written:
+        print(f"plots:         {written[0].parent} ({', '.join(p.name for p in written)})")
 
 
 def _finish_wandb(trainer: pl.Trainer) -> None:
