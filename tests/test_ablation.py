@@ -728,6 +728,16 @@ def test_noise_decomposition_from_re_evaluations(tmp_path):
         "| table2_eps_simple | `fd_digits_400` | 0.816 (4) | 2.582 (4) | 2.449 | 0.33 |"
         in render(list(rows.values()))
     )
+    # The command line on runs without checkpoints (committed results): it decomposes what the
+    # runs hold and writes noise.md / noise.csv.
+    from ddpm.ablation import noise
+
+    assert noise.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "noise.md").read_text()
+    assert "| table2_eps_simple | `fd_digits_400` | 0.816 (4) |" in text
+    (tmp_path / "empty").mkdir()
+    _run(tmp_path / "empty", "0-eps", EPS_SIMPLE, "linear", 0, {FD: 1.0})
+    assert noise.main([str(tmp_path / "empty")]) == 1
 
 
 def test_re_evaluation_commands_refuse_an_unknown_row(tmp_path, capsys):

@@ -4,7 +4,8 @@ A cell is a mean over training seeds, and each run's number is itself one draw o
 evaluation (which x_T the sampler started from, which x_t the bound saw). For one checkpoint
 per row (the run of the lowest training seed) this re-runs ``src/eval.py`` under ``k``
 evaluation seeds, with the run's own sizes, writing ``<run>/noise/seed<k>/metrics.json``
-(resumable: an existing file is kept). Then, per row and metric (the Fréchet distance and
+(resumable: an existing file is kept; runs without a checkpoint, such as committed results, are
+decomposed from the re-evaluations they hold). Then, per row and metric (the Fréchet distance and
 bits/dim):
 
 - evaluation noise: the standard deviation over the evaluation seeds of that one checkpoint
@@ -186,12 +187,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         if (run.path / "checkpoints" / "last.ckpt").is_file():
             chosen.setdefault((run.objective_key, run.schedule), run)
-    if not chosen:
-        print("error: no finished run with checkpoints/last.ckpt matches", file=sys.stderr)
-        return 1
+    # Runs copied without checkpoints (committed results) are decomposed from the re-evaluations
+    # they already hold.
     failures = sum(_evaluate(run, seeds, args.eval_args) for run in chosen.values())
     fd_key, _ = _sample_quality_keys(runs)
     rows = decompose(runs, [k for k in (fd_key, "nll_bpd") if k])
+    if wanted:
+        rows = [r for r in rows if r.experiment in wanted]
+    if not rows:
+        print(
+            "error: nothing to decompose: no row has a checkpoint to re-evaluate "
+            f"(checkpoints/last.ckpt) or re-evaluations under {NOISE_DIR}/",
+            file=sys.stderr,
+        )
+        return 1
     out = args.out or args.sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     text = render(rows)
