@@ -31,9 +31,9 @@ class NLLCallback(pl.Callback):
     ``nll_bpd`` (total), ``nll_bpd_stderr``, ``nll_prior_bpd`` (L_T), ``nll_decoder_bpd`` (L₀)
     and ``nll_num_images``. With ``estimator="stratified"`` the total is the unbiased estimate
     from ``num_terms`` = K terms per image, named ``nll_bpd_k{K}`` (with ``_stderr`` and
-    ``_estimator_stderr``); the unclipped bound appends ``_unclipped``. For the full bound the per-timestep terms (mean Lₜ over images,
-    ``[T]``) go to W&B as a line plot when a ``WandbLogger`` is attached, and are always saved
-    as ``<run dir>/nll/terms_step{step:07d}.npy``.
+    ``_estimator_stderr``); the unclipped bound appends ``_unclipped``. For the full bound the
+    per-timestep terms (mean Lₜ over images, ``[T]``) go to W&B as a line plot when a
+    ``WandbLogger`` is attached, and are always saved as ``<run dir>/nll/terms_step{step:07d}.npy``.
 
     Cost: ``T`` network evaluations per image for the full bound (1000 × 1000 images = 1M
     forward passes), K for the stratified estimate.
