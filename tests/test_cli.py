@@ -70,6 +70,11 @@ def test_train_with_wandb_offline_then_sample_and_eval(tmp_path):
     assert metrics["run_name"] == "quickstart" and metrics["diverged"] is False
     assert (out / "samples" / "final.png").is_file()
     assert list((out / "wandb").glob("offline-run-*")), "the W&B offline run must be kept"
+    # Without W&B too: the curves as CSV and as plots, beside metrics.json.
+    assert list((out / "csv").glob("version_*/metrics.csv"))
+    assert (out / "plots" / "training.png").is_file() and (
+        out / "plots" / "bound_terms.png"
+    ).is_file()
     ckpt = out / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     assert (out / ".hydra" / "config.yaml").is_file()
