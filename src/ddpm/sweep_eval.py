@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ddpm.ablation import EVALUATIONS_DIR, classify_run, find_runs
-from ddpm.ablation.rows import experiment_of, parse_experiments
+from ddpm.ablation.rows import experiment_of, parse_experiments, parse_seeds
 from ddpm.diffusion.sampling import SamplerSpec
 
 __all__ = ["evaluation_dir", "main", "parse_sampler"]
@@ -89,15 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        seeds = {int(s) for s in args.seeds.split(",") if s.strip()}
-    except ValueError:
-        print(f"error: --seeds {args.seeds!r}: give integers, e.g. 0,1,2", file=sys.stderr)
-        return 2
-
-    try:
+        seeds = set(parse_seeds(args.seeds, "--seeds"))
         wanted = parse_experiments(args.experiments)
     except ValueError as err:
-        print(f"error: --experiments: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     runs = [r for r in find_runs(args.sweep_dir) if (r / "metrics.json").is_file()]
     if wanted or seeds:

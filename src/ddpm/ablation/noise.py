@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ddpm.ablation.rows import experiment_of, parse_experiments
+from ddpm.ablation.rows import experiment_of, parse_experiments, parse_seeds
 from ddpm.ablation.runs import NOISE_DIR, RunRecord, _finite, classify_run, find_runs
 from ddpm.ablation.table import _sample_quality_keys
 
@@ -166,17 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: sweep directory {str(args.sweep_dir)!r} does not exist", file=sys.stderr)
         return 1
     try:
-        seeds = [int(s) for s in args.eval_seeds.split(",") if s]
-    except ValueError:
-        print(
-            f"error: --eval-seeds {args.eval_seeds!r}: give integers, e.g. 1000,1001",
-            file=sys.stderr,
-        )
-        return 2
-    try:
+        seeds = parse_seeds(args.eval_seeds, "--eval-seeds")
         wanted = parse_experiments(args.experiments)
     except ValueError as err:
-        print(f"error: --experiments: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     runs = [classify_run(p) for p in find_runs(args.sweep_dir)]
     chosen: dict[tuple, RunRecord] = {}

@@ -9,7 +9,14 @@ from omegaconf import OmegaConf
 
 from ddpm.ablation.runs import ObjectiveKey, _select, objective_variant
 
-__all__ = ["PAPER_SCHEDULE", "Objective", "experiment_of", "objectives", "parse_experiments"]
+__all__ = [
+    "PAPER_SCHEDULE",
+    "Objective",
+    "experiment_of",
+    "objectives",
+    "parse_experiments",
+    "parse_seeds",
+]
 
 
 @dataclass(frozen=True)
@@ -87,9 +94,22 @@ def parse_experiments(text: str) -> set[str]:
     unknown = sorted(wanted - set(known))
     if unknown:
         raise ValueError(
-            f"unknown experiment(s) {', '.join(unknown)}: choose from {', '.join(known)}"
+            f"--experiments: unknown experiment(s) {', '.join(unknown)}: "
+            f"choose from {', '.join(known)}"
         )
     return wanted
+
+
+def parse_seeds(text: str, flag: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]`` for the command-line option ``flag`` (empty: none given).
+
+    Raises:
+        ValueError: a part that is not an integer, naming the option.
+    """
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give integers, e.g. 0,1,2") from None
 
 
 #: The schedule the paper's numbers were measured with.
