@@ -32,6 +32,20 @@ class TinyNet(nn.Module):
         return self.dropout(0.5 * self.conv(x)) + time
 
 
+def leave_process_group() -> None:
+    """Barrier, then destroy the process group, before a test's worker process exits.
+
+    Left to the interpreter's exit, a gloo rank can still be tearing down its connections while
+    its peer has already gone, and abort (SIGABRT): the flaky ``terminated with signal SIGABRT``
+    of spawned CPU tests.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # Any training config as a tiny, offline, few-second CPU run (conf/scale/tiny.yaml).
 TINY = ["+scale=tiny"]
 

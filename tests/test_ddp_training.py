@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import leave_process_group  # tests/ is on sys.path under pytest
 from ddpm.seeding import rank_seed
 
 WORLD = 2
@@ -79,6 +80,7 @@ def _worker(rank: int, cfg, port: int, record_dir: str) -> None:
         },
         Path(record_dir) / f"rank{rank}.pt",
     )
+    leave_process_group()
 
 
 def _train_ddp(cfg, record_dir: Path) -> list[dict]:

@@ -1,5 +1,9 @@
-"""A real 2-process run (Lightning Fabric's ``ddp_spawn`` on gloo) of the evaluation path,
-compared with a single process.
+"""A real 2-process run (gloo on the CPU) of the evaluation path, compared with a single process.
+
+The workers are started as a cluster launcher starts them (``LOCAL_RANK``, ``WORLD_SIZE``,
+``MASTER_*`` in the environment), so Lightning Fabric joins the process group instead of
+spawning, and leaves the group before it exits (``conftest.leave_process_group``). Each worker's
+output goes to its own log file, quoted when it fails.
 
 N = 21 samples in batches of 4 gives 6 global batches: rank 0 draws batches 0, 2, 4 (12 images),
 rank 1 batches 1, 3, 5 (4 + 4 + 1 = 9 images), an uneven split with a short last batch. A tiny
@@ -9,15 +13,19 @@ stand-in feature network keeps it fast; the Inception graph itself is covered by
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from lightning.fabric import Fabric
 
-from conftest import TinyNet  # tests/ is on sys.path under pytest
+from conftest import TinyNet, leave_process_group  # tests/ is on sys.path under pytest
 from ddpm.data.common import UInt8ImageDataset
 from ddpm.data.digits import load_digits_split
 from ddpm.diffusion import GaussianDiffusion, make_betas
@@ -111,17 +119,50 @@ def _run_all(out: Path, cache_dir: Path, strategy: Any) -> None:
     torch.save(_plain({**results, "nll": nll}), out / f"rank{rank}.pt")
 
 
-def _worker(fabric: Fabric, out: str, cache_dir: str) -> None:
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str, cache_dir: str) -> None:
+    with open(Path(out) / f"rank{rank}.log", "w") as log:
+        os.dup2(log.fileno(), sys.stdout.fileno())
+        os.dup2(log.fileno(), sys.stderr.fileno())
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+    )  # fmt: skip
     torch.set_num_threads(1)
+    fabric = Fabric(accelerator="cpu", devices=WORLD, strategy="ddp")
+    fabric.launch()
     _run_all(Path(out), Path(cache_dir), fabric.strategy)
+    leave_process_group()
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     multi = tmp_path_factory.mktemp("multi")
     single = tmp_path_factory.mktemp("single")
-    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
-    fabric.launch(_worker, str(multi), str(multi / "cache"))
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, port, str(multi), str(multi / "cache")))
+        for rank in range(WORLD)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=300)
+    for rank, proc in enumerate(procs):
+        if proc.is_alive():
+            proc.kill()
+        log = multi / f"rank{rank}.log"
+        tail = log.read_text()[-3000:] if log.exists() else "(no log)"
+        assert proc.exitcode == 0, f"rank {rank} exit code {proc.exitcode}:\n{tail}"
     _run_all(single, single / "cache", strategy=None)  # this process alone: world size 1
     load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
     return {

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import leave_process_group  # tests/ is on sys.path under pytest
 from ddpm.diffusion import (
     LossSecondMomentSampler,
     UniformSampler,
@@ -150,8 +151,10 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
         # this process's shared memory, which is gone once the worker exits, so the parent's
         # get() could fail (FileNotFoundError in the resource sharer) depending on timing.
         queue.put((rank, s.loss_history.tolist(), s.filled.tolist(), s.write_pos.tolist()))
+        leave_process_group()  # barrier first: both ranks are done with the group
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a failed rank leaves without waiting for its peer
+            dist.destroy_process_group()
 
 
 def test_second_moment_sampler_is_synchronised_across_ddp_ranks() -> None:
