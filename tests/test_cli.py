@@ -251,6 +251,14 @@ def test_ddp_on_two_cpu_processes(tmp_path):
             "loss=simple with variance=learned: L_simple has no term that trains the variance",
         ),
         (["variance=fixed_small", "loss=hybrid"], "Use loss=simple, or a learned variance"),
+        (
+            ["experiment=obj_v_zero_snr", "weighting=p2"],
+            "invalid diffusion configuration: weighting=p2 with a zero-terminal-SNR "
+            "schedule: at SNR = 0 the ε̂ implied by any network output is x_T = ε, so the "
+            "ε-space MSE, and every weighting of it, is zero at the last step, where sampling "
+            "starts: that step would never be trained. Use weighting=none with "
+            "parameterization=v or parameterization=x0",
+        ),
         (["parameterization=epsilon"], "Available options"),
         (["trainer.max_stpes=3"], "max_stpes"),
         (["optimizer.lr=-1e-3"], "invalid optimizer settings (optimizer.lr=-0.001, "),

@@ -12,6 +12,7 @@ import torch
 
 from ddpm.diffusion import GaussianDiffusion, make_betas, make_weighting
 from ddpm.diffusion.likelihood import mean_flat
+from ddpm.diffusion.weighting import WEIGHTINGS as REGISTERED
 from ddpm.errors import ConfigError
 
 T = 40
@@ -188,3 +189,104 @@ def test_every_parameterisation_and_weighting_trains_a_finite_step(param: str, n
     opt.step()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+# ---------------------------------------------------------------------------- zero terminal SNR
+#: Every registered weighting that replaces the plain MSE (the registry, not a hand-kept list).
+WEIGHTED = tuple(sorted(set(REGISTERED) - {"none"}))
+#: The parameterisations a zero-terminal-SNR schedule accepts (ε is refused: x̂₀ = x_t/0).
+ZTSNR_PARAMS = ("x0", "v", "mu", "edm")
+ZTSNR_REFUSAL = (
+    r"weighting={name} with a zero-terminal-SNR schedule: at SNR = 0 the ε̂ implied by any "
+    r"network output is x_T = ε, so the ε-space MSE, and every weighting of it, is zero at the "
+    r"last step, where sampling starts: that step would never be trained\. Use weighting=none "
+    r"with parameterization=v or parameterization=x0 \(their plain MSE trains it\), or "
+    r"schedule\.zero_terminal_snr=false\."
+)
+
+
+def _ztsnr_batch(d: GaussianDiffusion, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(8, 1, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    return x0, noise, torch.full((8,), d.num_timesteps - 1)
+
+
+def test_the_test_lists_cover_the_registry() -> None:
+    assert set(WEIGHTED) == set(WEIGHTINGS) and "none" in REGISTERED
+
+
+@pytest.mark.parametrize("param", ZTSNR_PARAMS)
+def test_zero_terminal_snr_refuses_every_weighting_with_one_message(param: str) -> None:
+    """p2 (finite weights) used to be accepted and train nothing at t = T−1; min_snr, sigmoid,
+    edm and elbo failed on their non-finite weights without saying why. Now one message."""
+    betas = make_betas("linear", T, zero_terminal_snr=True)
+    for name in WEIGHTED:
+        with pytest.raises(ValueError, match=ZTSNR_REFUSAL.format(name=name)) as err:
+            GaussianDiffusion(betas, param, weighting=name)
+        assert "non-finite" not in str(err.value) and "\n" not in str(err.value)
+    # ε is refused for its own reason (x̂₀ divides by √ᾱ_T = 0), whatever the weighting.
+    for name in ("none", *WEIGHTED):
+        with pytest.raises(ValueError, match=r"parameterization=eps with a zero-terminal-SNR"):
+            GaussianDiffusion(betas, "eps", weighting=name)
+    # Without zero terminal SNR the same weightings build.
+    for name in WEIGHTED:
+        GaussianDiffusion(make_betas("linear", T), param, weighting=name)
+
+
+def test_the_config_refuses_a_weighting_at_zero_terminal_snr(compose_cfg) -> None:
+    from ddpm.builders import build_diffusion
+
+    for name in WEIGHTED:
+        cfg = compose_cfg(
+            "parameterization=v", "schedule.zero_terminal_snr=true", f"weighting={name}"
+        )
+        with pytest.raises(ConfigError, match=ZTSNR_REFUSAL.format(name=name)):
+            build_diffusion(cfg)
+    d = build_diffusion(compose_cfg("parameterization=v", "schedule.zero_terminal_snr=true"))
+    assert d.weighting.name == "none" and float(d.alphas_cumprod[-1]) == 0.0
+
+
+@pytest.mark.parametrize("param", ZTSNR_PARAMS)
+def test_at_zero_snr_the_weighted_eps_mse_and_its_gradient_are_exactly_zero(param: str) -> None:
+    """The reason for the refusal, computed without the check: p2's weight at t = T−1 is a finite
+    1, yet the loss and every gradient there are exactly 0 for a random network, because the
+    implied ε̂ = (x_T − 0·x̂₀)/1 is x_T = ε whatever the network outputs."""
+    torch.manual_seed(0)
+    d = GaussianDiffusion(make_betas("linear", T, zero_terminal_snr=True), param)
+    d.weighting = make_weighting("p2")  # what the refused construction would have stored
+    d.register_buffer("weights", d.weighting.table(d).float(), persistent=False)
+    assert d.weights[-1] == 1.0
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    x0, noise, t = _ztsnr_batch(d)
+    losses = d.training_losses(lambda x, _t: net(x), x0, t, noise)
+    assert torch.equal(losses["mse"], torch.zeros(8)) and torch.equal(losses["loss"], losses["mse"])
+    losses["loss"].mean().backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in net.parameters())
+    # The ε-space MSE itself, from the parameterisation's ε̂ of an arbitrary output.
+    x_t = d.q_sample(x0, t, noise)
+    eps_hat = d.parameterization.pred_eps(d, torch.randn_like(x0), x_t, t)
+    assert torch.equal(x_t, noise) and torch.equal(eps_hat, noise)
+    # One step earlier SNR > 0, and the same weighted loss does train.
+    net.zero_grad()
+    d.training_losses(lambda x, _t: net(x), x0, t - 1, noise)["loss"].mean().backward()
+    assert any(p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+@pytest.mark.parametrize("param", ("v", "x0"))
+def test_zero_terminal_snr_with_weighting_none_trains_the_last_step(param: str) -> None:
+    """The fix the refusal names: the plain v- or x₀-MSE is not zero at SNR = 0 (v* = −x₀)."""
+    torch.manual_seed(0)
+    d = GaussianDiffusion(make_betas("linear", T, zero_terminal_snr=True), param)
+    assert float(d.alphas_cumprod[-1]) == 0.0 and d.weighting.name == "none"
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x0, noise, t = _ztsnr_batch(d)
+    loss = d.training_losses(lambda x, _t: net(x), x0, t, noise)["loss"].mean()
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    grads = [p.grad for p in net.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    before = [p.detach().clone() for p in net.parameters()]
+    opt.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))

@@ -53,7 +53,9 @@ class GaussianDiffusion(nn.Module):
 
     Raises:
         ValueError: for an unknown name, or a combination the loss cannot train, naming the
-            combination and what to use instead.
+            combination and what to use instead; on a zero-terminal-SNR schedule (ᾱ_T = 0),
+            ε prediction and any weighting other than ``none`` (the ε-MSE it weights is
+            identically zero at the last step).
 
     The tables are computed in float64 and stored as ``dtype`` (float32 by default) non-persistent
     buffers, so they move with ``.to(device)`` and never enter checkpoints.
@@ -83,11 +85,23 @@ class GaussianDiffusion(nn.Module):
                 f"with weighting={self.weighting.name}, or weighting=none."
             )
         tables = schedule_tables(torch.as_tensor(betas, dtype=torch.float64))
-        if tables["alphas_cumprod"][-1] == 0 and not self.parameterization.finite_at_zero_snr:
+        zero_terminal_snr = bool(tables["alphas_cumprod"][-1] == 0)
+        if zero_terminal_snr and not self.parameterization.finite_at_zero_snr:
             raise ValueError(
                 f"parameterization={self.parameterization.name} with a zero-terminal-SNR schedule: "
                 "its x̂₀ divides by √ᾱ_T = 0 at the last step (for ε: x̂₀ = (x_t − √(1−ᾱ) ε̂)/√ᾱ). "
                 "Use parameterization=v or parameterization=x0, or "
+                "schedule.zero_terminal_snr=false."
+            )
+        if zero_terminal_snr and self.weighting.name != "none":
+            # One check for every weighting: at SNR = 0 the table's value does not matter (p2's is
+            # a finite 1, min_snr's and edm's are not), the ε-MSE it multiplies is zero.
+            raise ValueError(
+                f"weighting={self.weighting.name} with a zero-terminal-SNR schedule: at SNR = 0 "
+                "the ε̂ implied by any network output is x_T = ε, so the ε-space MSE, and every "
+                "weighting of it, is zero at the last step, where sampling starts: that step "
+                "would never be trained. Use weighting=none with parameterization=v or "
+                "parameterization=x0 (their plain MSE trains it), or "
                 "schedule.zero_terminal_snr=false."
             )
         self.num_timesteps = int(tables["betas"].numel())

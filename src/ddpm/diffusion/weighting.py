@@ -16,6 +16,11 @@ formulas as written, with no normalisation:
 * ``edm``: 1 + 1/(σ_d² SNRₜ) (Karras et al. 2022, their x₀-space λ(σ) = (σ² + σ_d²)/(σ σ_d)²),
   σ_d = 0.5.
 
+A zero-terminal-SNR schedule (ᾱ_T = 0) refuses every weighting but ``none``
+(:class:`~ddpm.diffusion.GaussianDiffusion` checks it once for all of them): at SNR = 0 the
+implied ε̂ is x_T = ε whatever the network outputs, so the ε-MSE, and any w(t) times it, is zero
+at the last step. The plain v- or x₀-MSE (``none``) trains that step.
+
 Each class computes its table ``[T]`` once, in float64, from the schedule; the diffusion stores it
 as a buffer, so a training step indexes it on the device without a host copy. Adding one is one
 subclass with a ``name`` (it registers itself in :data:`WEIGHTINGS`) plus a YAML in
