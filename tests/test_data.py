@@ -47,6 +47,24 @@ def expected_float(u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(u8.astype(np.float64) / 127.5 - 1.0).float()
 
 
+def index_and_flip(
+    loader: torch.utils.data.DataLoader, stored: list[torch.Tensor], epoch: int = 0
+) -> list[tuple[int, bool]]:
+    """One epoch of ``loader`` as ``(index into stored, flipped)`` per returned image.
+
+    ``stored`` are the unflipped ``[C, H, W]`` images; each must differ from its mirror image.
+    """
+    loader.sampler.set_epoch(epoch)  # as Lightning does at the start of every epoch
+    seen = []
+    for batch in loader:
+        for x in batch:
+            found = [(i, False) for i, s in enumerate(stored) if torch.equal(x, s)]
+            found += [(i, True) for i, s in enumerate(stored) if torch.equal(x, s.flip(-1))]
+            assert len(found) == 1, "a returned image is neither a stored image nor its mirror"
+            seen.extend(found)
+    return seen
+
+
 # --------------------------------------------------------------------------------------- common
 
 
@@ -259,33 +277,41 @@ def test_fake_cifar_loads_offline_with_exact_pixel_layout(
 
 
 def test_cifar_flips_train_only(tmp_path: Path) -> None:
-    raw = make_fake_cifar(tmp_path)
-    dm = CIFAR10DataModule(data_dir=str(tmp_path), download=False)
+    raw = make_fake_cifar(tmp_path, n_train_per_batch=8)  # 40 training images
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), batch_size=4, num_workers=0, download=False)
     dm.setup("fit")
-    original = dm.reference_dataset()[0]
+    reference = dm.reference_dataset()
+    stored = [reference[i] for i in range(len(reference))]
     torch.testing.assert_close(
-        original, expected_float(raw["train"][0].reshape(3, 32, 32)), rtol=0, atol=1e-7
+        stored[0], expected_float(raw["train"][0].reshape(3, 32, 32)), rtol=0, atol=1e-7
     )
-    flipped = original.flip(-1)
-    assert not torch.equal(original, flipped)
-    torch.manual_seed(0)
-    n_flipped = 0
-    for _ in range(64):
-        x = dm.train_set[0]
-        is_flipped = torch.equal(x, flipped)
-        assert is_flipped or torch.equal(x, original)
-        n_flipped += is_flipped
-    assert 16 <= n_flipped <= 48  # Binomial(64, 1/2): outside this range has p < 1e-4
-    first_val = dm.val_set[0]
-    torch.testing.assert_close(
-        first_val, expected_float(raw["test"][0].reshape(3, 32, 32)), rtol=0, atol=1e-7
+    assert all(not torch.equal(x, x.flip(-1)) for x in stored)
+    train = dm.train_dataloader()
+    assert train.sampler.flips
+    pairs = [index_and_flip(train, stored, epoch) for epoch in range(3)]
+    for epoch_pairs in pairs:  # every training image once per epoch
+        assert sorted(i for i, _ in epoch_pairs) == list(range(40))
+    n_flipped = sum(f for epoch_pairs in pairs for _, f in epoch_pairs)
+    assert 38 <= n_flipped <= 82  # Binomial(120, 1/2): outside this range (±4 sd) has p < 1e-4
+    assert pairs[1] != pairs[0]  # every epoch has its own coins
+    # The sampler plans the flips: worker processes (seeded alike on every rank) change nothing.
+    workers = CIFAR10DataModule(data_dir=str(tmp_path), batch_size=4, num_workers=2)
+    workers.setup("fit")
+    assert index_and_flip(workers.train_dataloader(), stored, 1) == pairs[1]
+
+    test_u8 = raw["test"].reshape(-1, 3, 32, 32)
+    for loader in (dm.val_dataloader(), dm.val_dataloader()):  # held-out set: never flipped
+        assert not loader.sampler.flips
+        torch.testing.assert_close(
+            torch.cat(list(loader)), expected_float(test_u8), rtol=0, atol=1e-7
+        )
+    assert all(torch.equal(reference[i], stored[i]) for i in range(40))
+    no_flip = CIFAR10DataModule(
+        data_dir=str(tmp_path), batch_size=4, num_workers=0, download=False, random_flip=False
     )
-    for _ in range(20):  # held-out and reference sets are never flipped
-        assert torch.equal(dm.val_set[0], first_val)
-        assert torch.equal(dm.reference_dataset()[0], original)
-    no_flip = CIFAR10DataModule(data_dir=str(tmp_path), download=False, random_flip=False)
     no_flip.setup("fit")
-    assert all(torch.equal(no_flip.train_set[0], original) for _ in range(20))
+    unflipped = index_and_flip(no_flip.train_dataloader(), stored)
+    assert unflipped == [(i, False) for i, _ in pairs[0]]  # same order, no flips
 
 
 def test_cifar_missing_offline_raises_clear_error(tmp_path: Path) -> None:
@@ -441,17 +467,29 @@ def test_folder_crop_resize_and_gray(tmp_path: Path) -> None:
 
 def test_folder_flips_train_only(tmp_path: Path) -> None:
     rng = np.random.RandomState(5)
-    for i in range(3):
+    for i in range(12):
         _write(tmp_path / f"{i}.png", rng.randint(0, 256, (8, 8, 3)).astype(np.uint8))
-    dm = ImageFolderDataModule(data_dir=str(tmp_path), image_size=8, val_fraction=0.3)
-    dm.setup("fit")
-    original = dm.reference_dataset()[0]
-    torch.manual_seed(1)
-    draws = [dm.train_set[0] for _ in range(40)]
-    assert any(torch.equal(d, original.flip(-1)) for d in draws)
-    assert any(torch.equal(d, original) for d in draws)
-    assert dm.val_set.random_flip is False and dm.train_set.random_flip is True
-    assert all(torch.equal(dm.reference_dataset()[0], original) for _ in range(10))
+    dm = ImageFolderDataModule(
+        data_dir=str(tmp_path), image_size=8, batch_size=3, num_workers=0, val_fraction=0.25
+    )
+    dm.setup(None)
+    reference = dm.reference_dataset()
+    stored = [reference[i] for i in range(len(reference))]
+    assert len(stored) == 9 and all(not torch.equal(x, x.flip(-1)) for x in stored)
+    train = dm.train_dataloader()
+    pairs = [p for epoch in range(4) for p in index_and_flip(train, stored, epoch)]
+    assert any(f for _, f in pairs) and not all(f for _, f in pairs)  # 36 coins
+    workers = ImageFolderDataModule(
+        data_dir=str(tmp_path), image_size=8, batch_size=3, num_workers=2, val_fraction=0.25
+    )
+    workers.setup("fit")
+    assert index_and_flip(workers.train_dataloader(), stored, 2) == pairs[18:27]
+
+    heldout = [dm.val_set[i] for i in range(len(dm.val_set))]
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):  # never flipped, in order
+        assert not loader.sampler.flips
+        assert index_and_flip(loader, heldout) == [(i, False) for i in range(3)]
+    assert all(torch.equal(dm.reference_dataset()[i], stored[i]) for i in range(9))
 
 
 def test_folder_errors_name_the_path(tmp_path: Path) -> None:

@@ -225,7 +225,8 @@ def load_cifar10_split(
 class CIFAR10DataModule(ImageDataModuleBase):
     """CIFAR-10 as a LightningDataModule: batches float32 ``[B, 3, 32, 32]`` in ``[-1, 1]``.
 
-    Train = the 50 000 training images (random horizontal flips if ``random_flip``);
+    Train = the 50 000 training images (random horizontal flips if ``random_flip``, planned by the
+    training loader's sampler: the same per ``(seed, epoch, position)`` whatever ``num_workers``);
     val = test = the 10 000 CIFAR-10 test images (no flips). Both splits are held in memory as
     uint8 (≈ 180 MB). ``reference_dataset()`` = training images without flips (FID reference).
 
@@ -251,12 +252,15 @@ class CIFAR10DataModule(ImageDataModuleBase):
         seed: int = 0,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            seed=seed,
+            random_flip=random_flip,
         )
         self.save_hyperparameters()
         self.data_dir = str(data_dir)
         self.download = bool(download)
-        self.random_flip = bool(random_flip)
         self.image_shape: tuple[int, int, int] = (3, 32, 32)
         self._u8: dict[str, torch.Tensor] = {}
 
@@ -275,7 +279,7 @@ class CIFAR10DataModule(ImageDataModuleBase):
     def setup(self, stage: str | None = None) -> None:
         """Load the splits needed for ``stage`` (``"fit"``, ``"validate"``, ``"test"``, None)."""
         if stage in (None, "fit"):
-            self.train_set = UInt8ImageDataset(self._images("train"), random_flip=self.random_flip)
+            self.train_set = UInt8ImageDataset(self._images("train"))
         if stage in (None, "fit", "validate"):
             self.val_set = UInt8ImageDataset(self._images("test"))
         if stage in (None, "test"):

@@ -4,6 +4,12 @@ Every dataset of this package yields a single float32 tensor ``[C, H, W]`` (no l
 values lie on the 256-level grid ``u8 / 127.5 - 1`` for some uint8 image ``u8``; so
 ``(x * 127.5 + 127.5).round().to(torch.uint8)`` recovers the original bytes exactly. Batches are
 therefore ``[B, C, H, W]`` float32 in ``[-1, 1]``.
+
+Datasets never draw random numbers. An item is requested either by an ``int`` index (returned as
+stored) or by an ``(index, flip)`` pair (returned flipped left–right when ``flip`` is True); the
+training loader's :class:`~ddpm.data.resumable.ShardedSampler` plans those flips per epoch, so they
+are reproducible, differ across DDP ranks and epochs, survive an exact resume and do not depend on
+``num_workers``.
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .resumable import ResumableDataLoader, ShardedSampler
+from .resumable import ResumableDataLoader, SampleKey, ShardedSampler
 
-__all__ = ["ImageDataModuleBase", "UInt8ImageDataset", "uint8_to_unit_range"]
+__all__ = ["ImageDataModuleBase", "UInt8ImageDataset", "split_sample_key", "uint8_to_unit_range"]
 
 
 def uint8_to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -33,18 +39,36 @@ def uint8_to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32) / 127.5 - 1.0
 
 
+def split_sample_key(key: SampleKey) -> tuple[int, bool]:
+    """Split what a sampler yields into ``(index, flip)``: ``i`` → ``(i, False)``.
+
+    Args:
+        key: an ``int`` index, or an ``(index, flip)`` pair from a
+            :class:`~ddpm.data.resumable.ShardedSampler` with ``flips=True``.
+
+    Returns:
+        The index and whether to flip the item left–right (its last axis).
+    """
+    if isinstance(key, tuple):
+        index, flip = key
+        return int(index), bool(flip)
+    return int(key), False
+
+
 class UInt8ImageDataset(Dataset):
     """In-memory image dataset: stores uint8 ``[N, C, H, W]``, yields float32 ``[C, H, W]``.
 
+    ``dataset[i]`` is image ``i`` as stored; ``dataset[(i, flip)]`` is the same image flipped
+    left–right (``x.flip(-1)``) when ``flip`` is True. The dataset draws no random numbers: random
+    flips come from the training loader's sampler (see :mod:`ddpm.data.resumable`).
+
     Args:
         images: uint8 tensor ``[N, C, H, W]`` (kept as is; 1 byte per value in memory).
-        random_flip: flip each returned image left–right with probability 1/2 (drawn from the
-            global torch RNG, which the DataLoader seeds per worker).
         repeats: the dataset pretends to be ``repeats`` concatenated copies of ``images``
             (``len == repeats * N``) so that an "epoch" of a tiny dataset is not a handful of steps.
     """
 
-    def __init__(self, images: torch.Tensor, random_flip: bool = False, repeats: int = 1) -> None:
+    def __init__(self, images: torch.Tensor, repeats: int = 1) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(
                 f"images must be uint8 [N, C, H, W], got dtype {images.dtype} and shape "
@@ -53,7 +77,6 @@ class UInt8ImageDataset(Dataset):
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         self.images = images
-        self.random_flip = bool(random_flip)
         self.repeats = int(repeats)
 
     @property
@@ -64,13 +87,12 @@ class UInt8ImageDataset(Dataset):
     def __len__(self) -> int:
         return self.num_images * self.repeats
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, key: SampleKey) -> torch.Tensor:
+        index, flip = split_sample_key(key)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for dataset of length {len(self)}")
         x = uint8_to_unit_range(self.images[index % self.num_images])
-        if self.random_flip and bool(torch.rand(()) < 0.5):
-            x = x.flip(-1)
-        return x
+        return x.flip(-1) if flip else x
 
 
 class ImageDataModuleBase(L.LightningDataModule):
@@ -88,11 +110,22 @@ class ImageDataModuleBase(L.LightningDataModule):
         num_workers: DataLoader worker processes per device; workers persist across epochs
             when > 0.
         pin_memory: pin host memory of batches (useful with CUDA only).
+        seed: base seed of the training loader's per-epoch order and flips.
+        random_flip: flip training images left–right at random (planned by the training loader's
+            sampler, one fair coin per image per epoch); validation, test and reference images
+            are never flipped.
     """
 
     image_shape: tuple[int, int, int]
 
-    def __init__(self, batch_size: int, num_workers: int, pin_memory: bool, seed: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        seed: int = 0,
+        random_flip: bool = False,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -102,6 +135,7 @@ class ImageDataModuleBase(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.seed = int(seed)
+        self.random_flip = bool(random_flip)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -120,7 +154,13 @@ class ImageDataModuleBase(L.LightningDataModule):
             "persistent_workers": self.num_workers > 0,
             "drop_last": train,
         }
-        sampler = ShardedSampler(len(dataset), shuffle=train, seed=self.seed, equal_shares=train)
+        sampler = ShardedSampler(
+            len(dataset),
+            shuffle=train,
+            seed=self.seed,
+            equal_shares=train,
+            flips=train and self.random_flip,
+        )
         return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:

@@ -154,9 +154,7 @@ class DigitsDataModule(ImageDataModuleBase):
         self._ensure_loaded()
         assert self._train_u8 is not None and self._test_u8 is not None
         if stage in (None, "fit"):
-            self.train_set = UInt8ImageDataset(
-                self._train_u8, random_flip=False, repeats=self.train_repeats
-            )
+            self.train_set = UInt8ImageDataset(self._train_u8, repeats=self.train_repeats)
         if stage in (None, "fit", "validate"):
             self.val_set = UInt8ImageDataset(self._test_u8)
         if stage in (None, "test"):

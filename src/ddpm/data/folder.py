@@ -22,8 +22,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .common import ImageDataModuleBase, uint8_to_unit_range
+from .common import ImageDataModuleBase, split_sample_key, uint8_to_unit_range
 from .errors import DatasetCorruptedError, DatasetNotFoundError
+from .resumable import SampleKey
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -142,25 +143,26 @@ def load_image_uint8(path: str | os.PathLike[str], image_size: int) -> torch.Ten
 class ImageFileDataset(Dataset):
     """Images read from disk on access; yields float32 ``[3, S, S]`` in ``[-1, 1]``.
 
+    ``dataset[i]`` is image ``i``; ``dataset[(i, flip)]`` is it flipped left–right when ``flip`` is
+    True. No random numbers are drawn here: random flips come from the training loader's sampler
+    (see :mod:`ddpm.data.resumable`).
+
     Args:
         paths: image files.
         image_size: output side ``S`` in pixels.
-        random_flip: flip left–right with probability 1/2 (global torch RNG, seeded per worker).
     """
 
-    def __init__(self, paths: Sequence[Path], image_size: int, random_flip: bool = False) -> None:
+    def __init__(self, paths: Sequence[Path], image_size: int) -> None:
         self.paths = list(paths)
         self.image_size = int(image_size)
-        self.random_flip = bool(random_flip)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, key: SampleKey) -> torch.Tensor:
+        index, flip = split_sample_key(key)
         x = uint8_to_unit_range(load_image_uint8(self.paths[index], self.image_size))
-        if self.random_flip and bool(torch.rand(()) < 0.5):
-            x = x.flip(-1)
-        return x
+        return x.flip(-1) if flip else x
 
 
 class ImageFolderDataModule(ImageDataModuleBase):
@@ -173,7 +175,8 @@ class ImageFolderDataModule(ImageDataModuleBase):
             ``batch_size × world_size``.
         num_workers: DataLoader workers per device (decoding happens there; persistent when > 0).
         pin_memory: pin batches in host memory (CUDA only).
-        random_flip: random left–right flips of training images.
+        random_flip: random left–right flips of training images (planned by the training loader's
+            sampler: the same per ``(seed, epoch, position)`` whatever ``num_workers``).
         val_fraction: fraction of images held out for validation = test (at least 1 image).
     """
 
@@ -189,7 +192,11 @@ class ImageFolderDataModule(ImageDataModuleBase):
         seed: int = 0,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            seed=seed,
+            random_flip=random_flip,
         )
         if int(image_size) < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
@@ -198,7 +205,6 @@ class ImageFolderDataModule(ImageDataModuleBase):
         self.save_hyperparameters()
         self.data_dir = str(data_dir)
         self.image_size = int(image_size)
-        self.random_flip = bool(random_flip)
         self.val_fraction = float(val_fraction)
         self.image_shape: tuple[int, int, int] = (3, self.image_size, self.image_size)
         self._split: tuple[list[Path], list[Path]] | None = None
@@ -232,7 +238,7 @@ class ImageFolderDataModule(ImageDataModuleBase):
         """Scan the folder (once) and build the datasets needed for ``stage``."""
         train, heldout = self._paths()
         if stage in (None, "fit"):
-            self.train_set = ImageFileDataset(train, self.image_size, self.random_flip)
+            self.train_set = ImageFileDataset(train, self.image_size)
         if stage in (None, "fit", "validate"):
             self.val_set = ImageFileDataset(heldout, self.image_size)
         if stage in (None, "test"):
