@@ -6,8 +6,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from ddpm.configs import register_resolvers
 from ddpm.tasks.common import run_task
 from ddpm.tasks.sample import run
+
+register_resolvers()  # ${run_stamp:} in conf/hydra/default.yaml
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")

@@ -8,6 +8,7 @@ multiprocessing queue, so nothing depends on a worker staying alive after it exi
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -24,7 +25,7 @@ DDP = [
     "+trainer.strategy=ddp",
     "trainer.accelerator=cpu",
     f"trainer.devices={WORLD}",
-    "data.batch_size=8",
+    "data.batch_size=16",  # the global batch: 8 images per rank
     "trainer.log_every_n_steps=10",
     "trainer.val_check_interval=1000",
     "callbacks.model_checkpoint.every_n_train_steps=40",
@@ -52,6 +53,7 @@ def _worker(rank: int, cfg, port: int, record_dir: str) -> None:
     torch.set_num_threads(1)
     from ddpm.diffusion import GaussianDiffusion
     from ddpm.diffusion.timesteps import LossSecondMomentSampler
+    from ddpm.errors import Preempted
     from ddpm.tasks.train import run as train
 
     drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -71,9 +73,14 @@ def _worker(rank: int, cfg, port: int, record_dir: str) -> None:
 
     GaussianDiffusion.training_losses = recording_losses
     LossSecondMomentSampler.update = recording_update
-    train(cfg)
+    try:
+        train(cfg)
+        preempted_at = None
+    except Preempted as stop:  # recorded, so the parent sees at which step each rank stopped
+        preempted_at = stop.step
     torch.save(
         {
+            "preempted_at": preempted_at,
             "t": [t for t, _ in drawn],
             "noise": [n for _, n in drawn],
             "histories": histories,
@@ -124,6 +131,11 @@ def test_ddp_ranks_draw_different_t_and_noise_and_share_the_importance_history(
     )
     rank0, rank1 = _train_ddp(cfg, tmp_path / "record")
     assert len(rank0["t"]) == len(rank1["t"]) == 6
+    # data.batch_size is the global batch: each of the 2 ranks trains on half of it.
+    assert {t.numel() for t in rank0["t"] + rank1["t"]} == {8}
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["global_batch_size"], metrics["per_device_batch_size"]) == (16, 8)
+    assert metrics["world_size"] == WORLD
     for step in range(6):
         # 8 draws from {0..49}: equal by chance with probability 50^-8.
         assert not torch.equal(rank0["t"][step], rank1["t"][step]), f"same t at step {step}"
@@ -164,3 +176,47 @@ def test_ddp_resume_is_exact(compose_cfg, tmp_path) -> None:
     # moves them by ~lr = 2e-4, far beyond this tolerance).
     for key, value in reference["state_dict"].items():
         torch.testing.assert_close(final["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_global_batch_that_does_not_divide_is_refused(compose_cfg) -> None:
+    """16 images over 3 processes: refused before anything is launched, naming what works."""
+    from ddpm.data.common import split_global_batch
+    from ddpm.errors import ConfigError
+    from ddpm.tasks.train import run as train
+
+    cfg = compose_cfg(*DDP, "trainer.devices=3")
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "data.batch_size=16 is the global batch" in message and "3 device(s)" in message
+    assert "Device counts that divide it: 1, 2, 4, 8, 16" in message
+    assert split_global_batch(128, 8) == 16 and split_global_batch(128, 4, 2) == 16
+    with pytest.raises(ConfigError, match="Device counts that divide it: 1, 2, 4, 8, 16, 32, 64"):
+        split_global_batch(128, 3, accumulate_grad_batches=2)
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_saved_step(compose_cfg, tmp_path):
+    """SIGTERM reaches rank 0 only (as when a launcher's main process is signalled) at step 12;
+    the ranks agree at the next sync (every 10 steps) and both save step 20 and stop. That
+    last.ckpt holds exactly the state an uninterrupted run checkpoints at step 20."""
+    signal_rank0 = [
+        "+callbacks.zz_signal._target_=test_preemption.SignalAtStep",
+        "+callbacks.zz_signal.step=12",
+        "+callbacks.zz_signal.rank=0",
+    ]
+    preempted = _ddp_cfg(compose_cfg, tmp_path / "preempted", "trainer.max_steps=40", *signal_rank0)
+    records = _train_ddp(preempted, tmp_path / "record_preempted")
+    assert [r["preempted_at"] for r in records] == [20, 20]
+    assert [len(r["t"]) for r in records] == [20, 20]  # no rank trained past the saved step
+    saved = torch.load(tmp_path / "preempted" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 20 and len(saved["rng_states_per_rank"]) == WORLD
+    assert not (tmp_path / "preempted" / "metrics.json").exists()
+
+    full = _ddp_cfg(compose_cfg, tmp_path / "full", "trainer.max_steps=20")
+    _train_ddp(full, tmp_path / "record_full")
+    reference = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert reference["global_step"] == 20
+    for key, value in reference["state_dict"].items():
+        torch.testing.assert_close(saved["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for ours, theirs in zip(saved["rng_states_per_rank"], reference["rng_states_per_rank"]):
+        assert torch.equal(ours["torch"], theirs["torch"])

@@ -4,12 +4,52 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["compose_config", "conf_dir", "repo_root"]
+__all__ = [
+    "compose_config",
+    "conf_dir",
+    "register_resolvers",
+    "repo_root",
+    "run_stamp",
+    "slurm_job_id",
+]
+
+
+def slurm_job_id() -> str | None:
+    """The SLURM job id of this process (``<array job>_<task>`` for an array task), or None.
+
+    A requeued job keeps its id, so it names what a job must find again after a preemption.
+    """
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def run_stamp() -> str:
+    """The last component of a single run's directory (``conf/hydra/default.yaml``).
+
+    ``slurm-<job id>`` inside a SLURM job, so that a requeued ``sbatch … python src/train.py …``
+    finds its own run directory again (with ``resume=true`` it continues from ``last.ckpt``);
+    otherwise the start time, ``%Y-%m-%d_%H-%M-%S``.
+    """
+    job = slurm_job_id()
+    return f"slurm-{job}" if job else datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def register_resolvers() -> None:
+    """Register the OmegaConf resolvers the configs use (``${run_stamp:}``); idempotent.
+
+    Cached, like Hydra's ``${now:}``: every reference in one config resolves to the same value.
+    """
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
 
 
 def repo_root() -> Path:

@@ -103,6 +103,8 @@ class DiffusionLitModule(pl.LightningModule):
         self._last_loss = torch.zeros(())
         #: The resolved run configuration, stored in every checkpoint so it can be rebuilt.
         self.run_config: dict[str, Any] | None = None
+        #: The W&B run id of the training run (``ddpm.tasks.train.wandb_run_id``), or None.
+        self.wandb_run_id: str | None = None
 
     @property
     def ema_net(self) -> nn.Module:
@@ -248,6 +250,8 @@ class DiffusionLitModule(pl.LightningModule):
         checkpoint["run_config"] = self.run_config
         checkpoint["image_shape"] = list(self.image_shape)
         checkpoint["rng_states_per_rank"] = gather_rng_states()
+        if self.wandb_run_id:  # a run resumed from this file elsewhere continues its W&B run
+            checkpoint["wandb_run_id"] = self.wandb_run_id
 
     def _check_weights_finite(self) -> None:
         tensors = [p.detach() for p in self.net.parameters()]

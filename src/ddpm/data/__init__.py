@@ -2,7 +2,7 @@
 
 Values lie on the 256-level grid ``u8 / 127.5 - 1`` (``u8`` a uint8 image); datasets yield the
 image tensor only (no labels). Every datamodule has ``image_shape`` (C, H, W), train / val / test
-dataloaders (``batch_size`` is per device), ``reference_dataset()`` (training images without
+dataloaders (``batch_size`` is the global batch, split over the devices), ``reference_dataset()`` (training images without
 flips, for FID reference statistics), ``num_train`` and ``num_test``.
 """
 

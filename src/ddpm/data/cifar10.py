@@ -233,8 +233,8 @@ class CIFAR10DataModule(ImageDataModuleBase):
     Args:
         data_dir: directory holding ``cifar-10-batches-py/`` and/or ``cifar-10-python.tar.gz``
             (created on download).
-        batch_size: **per-device** batch size; the global batch under DDP is
-            ``batch_size × world_size`` (paper: 128 in total).
+        batch_size: the global batch (paper: 128), split over the devices and accumulation steps
+            (:meth:`~ddpm.data.common.ImageDataModuleBase.per_device_batch_size`).
         num_workers: DataLoader workers per device (persistent when > 0).
         pin_memory: pin batches in host memory (CUDA only).
         download: download the official archive if no local copy exists.

@@ -20,9 +20,17 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ddpm.errors import ConfigError
+
 from .resumable import ResumableDataLoader, SampleKey, ShardedSampler
 
-__all__ = ["ImageDataModuleBase", "UInt8ImageDataset", "split_sample_key", "uint8_to_unit_range"]
+__all__ = [
+    "ImageDataModuleBase",
+    "UInt8ImageDataset",
+    "split_global_batch",
+    "split_sample_key",
+    "uint8_to_unit_range",
+]
 
 
 def uint8_to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -95,6 +103,29 @@ class UInt8ImageDataset(Dataset):
         return x.flip(-1) if flip else x
 
 
+def split_global_batch(global_batch: int, world_size: int, accumulate_grad_batches: int = 1) -> int:
+    """The per-process micro-batch of a global batch: ``global ÷ (world_size × accumulation)``.
+
+    Raises:
+        ddpm.errors.ConfigError: when it does not divide, naming the device counts that work.
+    """
+    global_batch, world_size, accumulate = (
+        int(global_batch),
+        int(world_size),
+        int(accumulate_grad_batches),
+    )
+    parts = world_size * accumulate
+    if global_batch % parts == 0:
+        return global_batch // parts
+    valid = [n for n in range(1, global_batch + 1) if global_batch % (n * accumulate) == 0]
+    raise ConfigError(
+        f"data.batch_size={global_batch} is the global batch and does not split evenly over "
+        f"{world_size} device(s) × trainer.accumulate_grad_batches={accumulate}. Device counts "
+        f"that divide it: {', '.join(map(str, valid))}; or make data.batch_size a multiple of "
+        f"{parts}"
+    )
+
+
 class ImageDataModuleBase(L.LightningDataModule):
     """Dataloader plumbing shared by all datamodules of this package.
 
@@ -104,9 +135,11 @@ class ImageDataModuleBase(L.LightningDataModule):
     false``) and lets a resumed run continue mid-epoch with exactly the same batches.
 
     Args:
-        batch_size: **per-device** batch size (images per process per step). The global batch is
-            ``batch_size × world_size × accumulate_grad_batches``; the paper's 128 on 4 GPUs is
-            ``batch_size=32``.
+        batch_size: the **global** batch: images per optimiser step over all devices and
+            accumulated micro-batches (paper: 128). Each process loads
+            ``batch_size ÷ (world_size × accumulate_grad_batches)`` per micro-batch, read from the
+            trainer the datamodule is attached to (:meth:`per_device_batch_size`), so the paper's
+            recipe trains at 128 on any number of devices that divides it.
         num_workers: DataLoader worker processes per device; workers persist across epochs
             when > 0.
         pin_memory: pin host memory of batches (useful with CUDA only).
@@ -140,6 +173,23 @@ class ImageDataModuleBase(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def per_device_batch_size(self, world_size: int = 1, accumulate_grad_batches: int = 1) -> int:
+        """Images per process per micro-batch: ``batch_size ÷ (world_size × accumulate_grad_batches)``.
+
+        Raises:
+            ddpm.errors.ConfigError: the global batch does not divide; the message lists the device
+                counts that divide it.
+        """
+        return split_global_batch(self.batch_size, world_size, accumulate_grad_batches)
+
+    def _device_batch_size(self, train: bool) -> int:
+        trainer = self.trainer
+        if trainer is None:  # used outside a Trainer: this process is the whole world
+            return self.batch_size
+        # Evaluation loaders accumulate nothing; they split the batch over the ranks only.
+        accumulate = int(trainer.accumulate_grad_batches) if train else 1
+        return self.per_device_batch_size(int(trainer.world_size), accumulate)
+
     def _loader(self, dataset: Dataset | None, name: str, train: bool) -> DataLoader:
         if dataset is None:
             stage = "fit" if train else ("test" if name == "test" else "validate")
@@ -148,7 +198,7 @@ class ImageDataModuleBase(L.LightningDataModule):
                 f"setup({stage!r}) first (the Lightning Trainer does this for you)"
             )
         kwargs: dict[str, Any] = {
-            "batch_size": self.batch_size,
+            "batch_size": self._device_batch_size(train),
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.num_workers > 0,

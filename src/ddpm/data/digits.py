@@ -86,8 +86,8 @@ class DigitsDataModule(ImageDataModuleBase):
     Args:
         data_dir: ignored (the data ships with scikit-learn); accepted so that every data config
             has the same keys.
-        batch_size: **per-device** batch size; the global batch under DDP is
-            ``batch_size × world_size``.
+        batch_size: the global batch, split over the devices and accumulation steps
+            (:meth:`~ddpm.data.common.ImageDataModuleBase.per_device_batch_size`).
         num_workers: DataLoader workers per device (0 is best for this in-memory dataset).
         pin_memory: pin batches in host memory (CUDA only).
         pad_to: output side ``S >= 8``; images are padded symmetrically with the background value

@@ -171,8 +171,8 @@ class ImageFolderDataModule(ImageDataModuleBase):
     Args:
         data_dir: folder searched recursively for images (see ``IMAGE_EXTENSIONS``).
         image_size: output side ``S`` (shorter side resized to ``S``, then centre crop).
-        batch_size: **per-device** batch size; the global batch under DDP is
-            ``batch_size × world_size``.
+        batch_size: the global batch, split over the devices and accumulation steps
+            (:meth:`~ddpm.data.common.ImageDataModuleBase.per_device_batch_size`).
         num_workers: DataLoader workers per device (decoding happens there; persistent when > 0).
         pin_memory: pin batches in host memory (CUDA only).
         random_flip: random left–right flips of training images (planned by the training loader's

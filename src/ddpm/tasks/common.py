@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from ddpm.data.errors import DatasetNotFoundError
 from ddpm.diffusion.sampling import SamplerSpec
-from ddpm.errors import ConfigError, UserError
+from ddpm.errors import ConfigError, Preempted, UserError
 
 __all__ = [
     "git_commit",
@@ -59,11 +59,18 @@ def quiet_third_party_notices() -> None:
 def run_task(fn: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> dict[str, Any]:
     """Call ``fn(cfg)``; on a :class:`UserError` or a missing dataset print ``error: …``, exit 1.
 
+    A run stopped by a preemption signal (:class:`~ddpm.errors.Preempted`, ``last.ckpt`` written)
+    prints ``preempted: …`` and exits with ``128 + signal``, as if the signal had ended it.
+
     Third-party notices that are not about the run are silenced first
     (:func:`quiet_third_party_notices`)."""
     quiet_third_party_notices()
     try:
         return fn(cfg)
+    except Preempted as stop:
+        print(f"preempted: {stop}", file=sys.stderr, flush=True)
+        _write_to_log_files(f"preempted: {stop}")
+        raise SystemExit(128 + stop.signal_number) from None
     except (UserError, DatasetNotFoundError) as err:
         logging.getLogger("ddpm").debug("user error", exc_info=True)
         print(f"error: {err}", file=sys.stderr, flush=True)

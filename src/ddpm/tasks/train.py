@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import string
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +25,8 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.builders import (
     build_datamodule,
@@ -35,12 +38,12 @@ from ddpm.builders import (
 from ddpm.callbacks.checkpoint_io import AtomicCheckpointIO
 from ddpm.callbacks.sample_grid import SampleGridCallback
 from ddpm.callbacks.sample_quality import SampleQualityCallback
-from ddpm.errors import ConfigError
+from ddpm.errors import ConfigError, Preempted
 from ddpm.lit_module import DiffusionLitModule, DivergenceError
 from ddpm.tasks.common import git_commit, write_json_atomic
 from ddpm.wandb_utils import wandb_has_credentials
 
-__all__ = ["objective_value", "run"]
+__all__ = ["objective_value", "run", "wandb_run_id"]
 
 log = __import__("logging").getLogger(__name__)
 
@@ -52,19 +55,54 @@ def _instantiate_dict(node: DictConfig | None) -> list[Any]:
     return [instantiate(value) for value in node.values() if value and "_target_" in value]
 
 
-def _prepare_wandb(cfg: DictConfig) -> bool:
-    """Switch W&B loggers to offline mode when no credentials exist; True if offline."""
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(output_dir: Path, from_checkpoint: str | None = None) -> str | None:
+    """The W&B run id of the training run in ``output_dir``, kept in ``<output_dir>/wandb_run_id``.
+
+    The first start of a run writes it (the id of the checkpoint it starts from when it has one,
+    else a new one); every later start in that directory (``resume=true``, a requeued job) reads
+    it, so the run continues one W&B run, online and offline, instead of opening a second one.
+    Only global rank 0 writes: the other ranks log nothing to W&B and return what is there.
+    """
+    path = output_dir / WANDB_ID_FILE
+    if path.is_file():
+        stored = path.read_text().strip()
+        if stored:
+            return stored
+    if rank_zero_only.rank != 0:
+        return None
+    # W&B's own form of a run id: 8 characters from [a-z0-9].
+    alphabet = string.ascii_lowercase + string.digits
+    run_id = from_checkpoint or "".join(secrets.choice(alphabet) for _ in range(8))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
+def _prepare_wandb(
+    cfg: DictConfig, output_dir: Path, checkpoint_id: str | None
+) -> tuple[bool, str | None]:
+    """Give W&B loggers this run's id (resumed runs continue their W&B run) and switch them to
+    offline mode when no credentials exist; return (offline, run id), (False, None) without W&B."""
     loggers = cfg.get("logger") or {}
-    uses_wandb = any("WandbLogger" in str(v.get("_target_", "")) for v in loggers.values() if v)
-    if not uses_wandb:
-        return False
+    nodes = [v for v in loggers.values() if v and "WandbLogger" in str(v.get("_target_", ""))]
+    if not nodes:
+        return False, None
     offline = os.environ.get("WANDB_MODE") in ("offline", "disabled") or not wandb_has_credentials()
     if offline:
         os.environ.setdefault("WANDB_MODE", "offline")
-        for value in loggers.values():
-            if value and "WandbLogger" in str(value.get("_target_", "")):
-                value.offline = True
-    return offline
+    run_id = wandb_run_id(output_dir, checkpoint_id)
+    for node in nodes:
+        with open_dict(node):
+            if offline:
+                node.offline = True
+            if run_id and not node.get("id"):
+                node.id = run_id
+                node.resume = "allow"
+    return offline, run_id
 
 
 class _LogRunConfig(pl.Callback):
@@ -99,11 +137,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         last = output_dir / "checkpoints" / "last.ckpt"
         if not ckpt_path and last.is_file():
             ckpt_path = str(last)
+    checkpoint_wandb_id = None
     if ckpt_path:
         checkpoint = load_checkpoint(ckpt_path)  # a missing or corrupt checkpoint stops here
         message = f"resuming from {ckpt_path} (step {checkpoint.get('global_step')})"
         log.info(message)
         print(message, flush=True)
+        checkpoint_wandb_id = checkpoint.get("wandb_run_id")
         del checkpoint
 
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -112,7 +152,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg, image_shape)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
 
-    offline_wandb = _prepare_wandb(cfg)
+    offline_wandb, module.wandb_run_id = _prepare_wandb(cfg, output_dir, checkpoint_wandb_id)
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -127,6 +167,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
+    hparams["batch"] = _batch_sizes(datamodule, trainer)  # a batch that does not divide stops here
     try:
         metrics: dict[str, Any] = {
             "run_name": cfg.get("run_name"),
@@ -137,6 +178,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "seed": int(cfg.seed),
             "git_commit": hparams["git_commit"],
             "num_parameters": hparams["num_parameters"],
+            "global_batch_size": hparams["batch"]["global"],
+            "per_device_batch_size": hparams["batch"]["per_device"],
+            "world_size": hparams["batch"]["world_size"],
             "diverged": False,
         }
         try:
@@ -148,6 +192,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         except DivergenceError as err:
             log.error(str(err))
             metrics.update(diverged=True, diverged_at_step=module.diverged_at_step, error=str(err))
+        except Preempted:
+            _mark_wandb_preempting(trainer)
+            raise
 
         metrics["global_step"] = int(trainer.global_step)
         final_loss = trainer.callback_metrics.get("train/loss")
@@ -187,6 +234,30 @@ def _draw_plots(output_dir: Path) -> None:
         return
     if written:
         print(f"plots:         {written[0].parent} ({', '.join(p.name for p in written)})")
+
+
+def _batch_sizes(datamodule: Any, trainer: pl.Trainer) -> dict[str, int]:
+    """``data.batch_size`` is the global batch; each process loads its share of it.
+
+    Raises:
+        ConfigError: when it does not divide over the devices and accumulation steps.
+    """
+    world, accumulate = int(trainer.world_size), int(trainer.accumulate_grad_batches)
+    return {
+        "global": int(datamodule.batch_size),
+        "per_device": int(datamodule.per_device_batch_size(world, accumulate)),
+        "world_size": world,
+        "accumulate_grad_batches": accumulate,
+    }
+
+
+def _mark_wandb_preempting(trainer: pl.Trainer) -> None:
+    """Tell W&B that the run stops to be resumed (shown as preempted, not as crashed)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            mark = getattr(logger.experiment, "mark_preempting", None)
+            if callable(mark):
+                mark()
 
 
 def _finish_wandb(trainer: pl.Trainer) -> None:
