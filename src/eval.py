@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ddpm.configs import register_resolvers
-from ddpm.tasks.common import run_task
+from ddpm.tasks.common import exit_on_bad_command_line, run_task
 from ddpm.tasks.evaluate import run
 
 register_resolvers()  # ${run_stamp:} in conf/hydra/default.yaml
@@ -18,4 +18,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_bad_command_line("eval")
     main()

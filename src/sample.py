@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ddpm.configs import register_resolvers
-from ddpm.tasks.common import run_task
+from ddpm.tasks.common import exit_on_bad_command_line, run_task
 from ddpm.tasks.sample import run
 
 register_resolvers()  # ${run_stamp:} in conf/hydra/default.yaml
@@ -19,4 +19,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_bad_command_line("sample")
     main()

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ddpm.configs import register_resolvers
-from ddpm.tasks.common import run_task
+from ddpm.tasks.common import exit_on_bad_command_line, run_task
 from ddpm.tasks.train import objective_value, run
 
 register_resolvers()  # ${run_stamp:} in conf/hydra/default.yaml
@@ -22,4 +22,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    exit_on_bad_command_line("train")
     main()

@@ -260,7 +260,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
             "parameterization=v or parameterization=x0",
         ),
         (["parameterization=epsilon"], "Available options"),
-        (["trainer.max_stpes=3"], "max_stpes"),
+        (["trainer.max_stpes=3"], "did you mean trainer.max_steps"),
         (["optimizer.lr=-1e-3"], "invalid optimizer settings (optimizer.lr=-0.001, "),
         (
             ["data=cifar10", "data.download=false", "model.attn_resolutions=[16]"],
@@ -283,6 +283,35 @@ def test_bad_input_stops_with_one_clear_message(tmp_path, overrides, expected):
     if hydra_composed:
         log = (run_dir / "train.log").read_text()
         assert "error: " in log and expected in log.split("error: ", 1)[1], log[-2000:]
+
+
+@pytest.mark.parametrize(
+    "script,override,expected",
+    [
+        ("train", "trainer.max_step=5", "did you mean trainer.max_steps or trainer.max_epochs?"),
+        ("train", "trainr.max_steps=5", "did you mean trainer.max_steps?"),
+        ("train", "parameterisation=eps", "did you mean parameterization?"),
+        ("train", "module.nope.deeper=1", "`python src/train.py --cfg job --package module`"),
+        ("eval", "ckpt_pth=x.ckpt", "did you mean ckpt_path?"),
+        ("train", "hydra.run.dir={file}", "{file} is a file, not a directory"),
+        ("train", "paths.log_dir={file}", "{file} is a file, not a directory"),
+    ],
+)
+def test_command_line_mistakes_get_one_line_and_no_run_directory(
+    tmp_path, script, override, expected
+):
+    """Misspelt keys and run directories below a file stop before Hydra creates anything, with one
+    line that names the fix; Hydra's own advice (``+key=value``) would fail again later."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    logs = tmp_path / "logs"
+    override, expected = (t.replace("{file}", str(blocker)) for t in (override, expected))
+    proc = run([f"src/{script}.py", f"paths.log_dir={logs}", override], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert "+" not in lines[0]
+    assert not logs.exists()  # no stub run directory
 
 
 def test_a_run_without_its_data_leaves_no_wandb_run(tmp_path):

@@ -4,6 +4,7 @@ Public façade: :class:`GaussianDiffusion` and :func:`make_betas`; samplers by n
 (:data:`SAMPLERS`, :class:`SamplerSpec`).
 """
 
+from ddpm.diffusion.analytic import GammaEstimate, estimate_gamma
 from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion
 from ddpm.diffusion.likelihood import (
     approx_standard_normal_cdf,
@@ -36,11 +37,13 @@ from ddpm.diffusion.timesteps import (
 )
 from ddpm.diffusion.variance import (
     VARIANCES,
+    AnalyticVariance,
     FixedLargeVariance,
     FixedSmallVariance,
     LearnedRangeVariance,
     LearnedVariance,
     Variance,
+    analytic_variance,
     make_variance,
 )
 from ddpm.diffusion.weighting import WEIGHTINGS, Weighting, make_weighting
@@ -55,11 +58,13 @@ __all__ = [
     "TIMESTEP_SAMPLERS",
     "VARIANCES",
     "WEIGHTINGS",
+    "AnalyticVariance",
     "EDMLogNormalSampler",
     "EDMParameterization",
     "EpsParameterization",
     "FixedLargeVariance",
     "FixedSmallVariance",
+    "GammaEstimate",
     "GaussianDiffusion",
     "HybridLoss",
     "LearnedRangeVariance",
@@ -77,8 +82,10 @@ __all__ = [
     "Variance",
     "Weighting",
     "X0Parameterization",
+    "analytic_variance",
     "approx_standard_normal_cdf",
     "discretized_gaussian_log_likelihood",
+    "estimate_gamma",
     "get_sampler",
     "make_betas",
     "make_loss",

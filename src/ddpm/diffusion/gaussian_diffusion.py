@@ -131,6 +131,30 @@ class GaussianDiffusion(nn.Module):
         self._respaced.clear()
         return result
 
+    def use_variance(self, variance: str | Variance) -> None:
+        """Evaluate and sample with another reverse variance from now on (no retraining).
+
+        For inference on a trained model: a fixed variance in place of another, or
+        :class:`~ddpm.diffusion.variance.AnalyticVariance`. The respaced children, built with
+        the old variance, are dropped.
+
+        Raises:
+            ValueError: when the swap changes whether the network predicts the variance (its
+                output channels are fixed by training), or the variance cannot serve this
+                diffusion (:meth:`~ddpm.diffusion.variance.Variance.check`).
+        """
+        variance = make_variance(variance)
+        if variance.learned or self.variance.learned:
+            raise ValueError(
+                f"variance={variance.name} in place of variance={self.variance.name}: a learned "
+                "variance is part of the network's output, so it can neither be replaced nor "
+                "replace another; swap only between fixed variances (fixed_large, fixed_small, "
+                "analytic)"
+            )
+        variance.check(self)
+        self.variance = variance
+        self._respaced.clear()
+
     # ------------------------------------------------------------------ helpers
     @property
     def output_channels_multiplier(self) -> int:

@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from ddpm.configs import preflight
 from ddpm.data.errors import DatasetNotFoundError
 from ddpm.diffusion.sampling import SamplerSpec
 from ddpm.errors import ConfigError, Preempted, UserError
 
 __all__ = [
+    "exit_on_bad_command_line",
     "git_commit",
     "quiet_third_party_notices",
     "resolve_device",
@@ -76,6 +78,15 @@ def run_task(fn: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> dic
         print(f"error: {err}", file=sys.stderr, flush=True)
         _write_to_log_files(f"error: {err}")
         raise SystemExit(1) from None
+
+
+def exit_on_bad_command_line(config_name: str, argv: list[str] | None = None) -> None:
+    """Before Hydra runs: print ``error: …`` and exit 1 for a misspelt key or a run directory
+    below a file (:func:`ddpm.configs.preflight`), so no run directory is created for them."""
+    problem = preflight(config_name, sys.argv[1:] if argv is None else argv)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
 
 
 def _write_to_log_files(message: str) -> None:
