@@ -7,6 +7,7 @@ from ddpm.callbacks.preemption import PreemptionCheckpoint
 from ddpm.callbacks.progress import StepProgressBar
 from ddpm.callbacks.sample_grid import SampleGridCallback
 from ddpm.callbacks.sample_quality import SampleQualityCallback
+from ddpm.callbacks.throughput import ThroughputWatch
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -16,4 +17,5 @@ __all__ = [
     "SampleGridCallback",
     "SampleQualityCallback",
     "StepProgressBar",
+    "ThroughputWatch",
 ]

@@ -1,15 +1,19 @@
-"""Bits/dim (the full variational bound) of the EMA network on held-out images."""
+"""Bits/dim (the variational bound, or the probability-flow ODE likelihood) of the EMA network on
+held-out images."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import Dataset
 
 from ddpm.callbacks._evaluation import publish_metrics, unwrap_diffusion, unwrap_ema_net
+from ddpm.diffusion.ode_likelihood import ODELikelihoodSettings
 from ddpm.metrics.bound import NLL_ESTIMATORS, BitsPerDim, run_nll
 
 __all__ = ["NLLCallback"]
@@ -31,12 +35,18 @@ class NLLCallback(pl.Callback):
     ``nll_bpd`` (total), ``nll_bpd_stderr``, ``nll_prior_bpd`` (L_T), ``nll_decoder_bpd`` (L₀)
     and ``nll_num_images``. With ``estimator="stratified"`` the total is the unbiased estimate
     from ``num_terms`` = K terms per image, named ``nll_bpd_k{K}`` (with ``_stderr`` and
-    ``_estimator_stderr``); the unclipped bound appends ``_unclipped``. For the full bound the
+    ``_estimator_stderr``); the unclipped bound appends ``_unclipped``. With ``estimator="ode"``
+    it is the exact likelihood of the probability-flow ODE (not a bound), ``nll_bpd_ode`` with
+    ``_stderr``, ``_prior``, ``_num_images``, its cost ``_nfe``, ``_seconds``,
+    ``_seconds_per_image`` and, with ≥ 2 Hutchinson probes, ``_estimator_stderr``
+    (:class:`~ddpm.metrics.bound.BitsPerDim`). For the full bound the
     per-timestep terms (mean Lₜ over images, ``[T]``) go to W&B as a line plot when a
     ``WandbLogger`` is attached, and are always saved as ``<run dir>/nll/terms_step{step:07d}.npy``.
 
     Cost: ``T`` network evaluations per image for the full bound (1000 × 1000 images = 1M
-    forward passes), K for the stratified estimate.
+    forward passes), K for the stratified estimate; for the ODE the adaptive solver's number of
+    evaluations (typically one to a few hundred at rtol = atol = 1e-5), each a forward pass and
+    ``hutchinson_samples`` vector-Jacobian products of the batch.
 
     Args:
         num_images: held-out images evaluated (from index 0; capped at the split size).
@@ -48,10 +58,14 @@ class NLLCallback(pl.Callback):
         seed: seeds the noise of each batch (with the image index).
         save_terms: write the per-timestep terms as ``.npy`` in the run directory.
         progress: tqdm bar on rank 0.
-        estimator: ``"full"`` (the paper's protocol) or ``"stratified"``.
+        estimator: ``"full"`` (the paper's protocol), ``"stratified"`` or ``"ode"``.
         num_terms: K for ``"stratified"`` (2 ≤ K ≤ T).
         clip_denoised: clip x̂₀ to [-1, 1] inside every term, as the paper's evaluation does;
-            False gives the unclipped bound, its keys suffixed ``_unclipped``.
+            False gives the unclipped bound, its keys suffixed ``_unclipped`` (the ODE does not
+            clip).
+        ode: the ODE's settings for ``"ode"`` (``rtol``, ``atol``, ``method``,
+            ``hutchinson_samples``, ``divergence``, ``max_num_steps``; see
+            :class:`~ddpm.diffusion.ode_likelihood.ODELikelihoodSettings`); None: the defaults.
     """
 
     def __init__(
@@ -68,6 +82,7 @@ class NLLCallback(pl.Callback):
         estimator: str = "full",
         num_terms: int | None = None,
         clip_denoised: bool = True,
+        ode: ODELikelihoodSettings | Mapping[str, Any] | None = None,
     ) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
@@ -79,6 +94,7 @@ class NLLCallback(pl.Callback):
             raise ValueError(f"unknown estimator {estimator!r}: choose one of {NLL_ESTIMATORS}")
         if estimator == "stratified" and (num_terms is None or int(num_terms) < 2):
             raise ValueError(f"estimator='stratified' needs num_terms >= 2, got {num_terms}")
+        self.ode = ODELikelihoodSettings.from_config(ode) if estimator == "ode" else None
         self.estimator = estimator
         self.num_terms = None if num_terms is None else int(num_terms)
         self.clip_denoised = bool(clip_denoised)
@@ -133,7 +149,7 @@ class NLLCallback(pl.Callback):
         self._last_step = step
         diffusion = unwrap_diffusion(pl_module)
         metric = BitsPerDim(
-            diffusion.num_timesteps, self.estimator, self.num_terms, self.clip_denoised
+            diffusion.num_timesteps, self.estimator, self.num_terms, self.clip_denoised, self.ode
         )
         result = run_nll(
             diffusion,
