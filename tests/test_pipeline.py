@@ -37,7 +37,8 @@ def _group_choices(group: str) -> list[str]:
 
 def test_groups_offer_the_documented_choices():
     assert _group_choices("parameterization") == sorted(PARAMETERIZATIONS)
-    assert _group_choices("variance") == sorted(VARIANCES)
+    # analytic: Analytic-DPM's variance of a trained model, for eval.py/sample.py only.
+    assert _group_choices("variance") == sorted([*VARIANCES, "analytic"])
     assert _group_choices("loss") == sorted(LOSSES)
     assert _group_choices("schedule") == sorted(SCHEDULES)
     assert {"cifar10", "digits", "folder"} <= set(_group_choices("data"))

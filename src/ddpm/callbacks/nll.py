@@ -140,8 +140,9 @@ class NLLCallback(pl.Callback):
         """Run one evaluation now (collective) and publish it.
 
         Returns:
-            :meth:`~ddpm.metrics.bound.BitsPerDim.compute` (``terms_bpd`` included), or ``{}``
-            when this step was evaluated already.
+            :meth:`~ddpm.metrics.bound.BitsPerDim.compute` (``terms_bpd`` included; for the
+            ODE also ``nll_bpd_ode_settings``, the solver settings as a dict), or ``{}`` when this
+            step was evaluated already.
         """
         step = trainer.global_step
         if self._last_step == step:
@@ -174,10 +175,12 @@ class NLLCallback(pl.Callback):
                 name,
                 result[name],
                 result[f"{name}_stderr"],
-                result["nll_num_images"],
+                result.get(f"{name}_num_images", result.get("nll_num_images")),
             )
         if terms is not None:
             result["terms_bpd"] = terms
+        if self.ode is not None:  # the protocol beside the numbers (metrics.json), not logged
+            result[f"{metric.name}_settings"] = self.ode.as_dict()
         self.last_result = result
         return result
 

@@ -118,6 +118,7 @@ class GaussianDiffusion(nn.Module):
             #: w(t) ``[T]`` on the ε-MSE of loss=simple.
             self.register_buffer("weights", weights.to(dtype), persistent=False)
         self._respaced: OrderedDict[tuple, GaussianDiffusion] = OrderedDict()  # LRU, see respaced
+        self.variance.check(self)  # e.g. an analytic variance's Γ must have T entries
 
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> GaussianDiffusion:
         """Move/cast the tables (``.to``, ``.cuda``, ``.double``, ...) and drop respaced children.

@@ -47,8 +47,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ddpm.errors import ConfigError
+
 if TYPE_CHECKING:
-    from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion
+    from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion, Net
 
 __all__ = [
     "DIVERGENCES",
@@ -98,17 +100,17 @@ class ODELikelihoodSettings:
 
     def __post_init__(self) -> None:
         if not (self.rtol > 0 and self.atol > 0):
-            raise ValueError(f"nll.ode: rtol={self.rtol} and atol={self.atol} must be > 0")
+            raise ConfigError(f"nll.ode: rtol={self.rtol} and atol={self.atol} must be > 0")
         if self.method not in ODE_METHODS:
-            raise ValueError(f"nll.ode.method={self.method!r}: choose one of {ODE_METHODS}")
+            raise ConfigError(f"nll.ode.method={self.method!r}: choose one of {ODE_METHODS}")
         if self.divergence not in DIVERGENCES:
-            raise ValueError(f"nll.ode.divergence={self.divergence!r}: choose one of {DIVERGENCES}")
-        if int(self.hutchinson_samples) < 1:
-            raise ValueError(
-                f"nll.ode.hutchinson_samples={self.hutchinson_samples}: must be >= 1"
+            raise ConfigError(
+                f"nll.ode.divergence={self.divergence!r}: choose one of {DIVERGENCES}"
             )
+        if int(self.hutchinson_samples) < 1:
+            raise ConfigError(f"nll.ode.hutchinson_samples={self.hutchinson_samples}: must be >= 1")
         if int(self.max_num_steps) < 1:
-            raise ValueError(f"nll.ode.max_num_steps={self.max_num_steps}: must be >= 1")
+            raise ConfigError(f"nll.ode.max_num_steps={self.max_num_steps}: must be >= 1")
 
     @property
     def num_probes(self) -> int:
@@ -122,7 +124,8 @@ class ODELikelihoodSettings:
         """Settings from a config mapping (``nll.ode``), an instance, or None (the defaults).
 
         Raises:
-            ValueError: an unknown key (naming the known ones) or a bad value.
+            ~ddpm.errors.ConfigError: (a ValueError) an unknown key, naming the known ones, or a
+                bad value.
         """
         if isinstance(node, cls):
             return node
@@ -130,9 +133,16 @@ class ODELikelihoodSettings:
         known = set(asdict(cls()))
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown nll.ode setting(s) {unknown}: choose from {sorted(known)}")
+            raise ConfigError(f"unknown nll.ode setting(s) {unknown}: choose from {sorted(known)}")
         types = {"rtol": float, "atol": float, "hutchinson_samples": int, "max_num_steps": int}
-        return cls(**{k: types.get(k, str)(v) for k, v in values.items()})
+        typed = {}
+        for key, value in values.items():
+            kind = types.get(key, str)
+            try:
+                typed[key] = kind(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"nll.ode.{key}={value!r}: must be {kind.__name__}") from None
+        return cls(**typed)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,9 +217,10 @@ class ContinuousTables:
     """A diffusion's tables at continuous log SNRs, shaped as a parameterisation reads them.
 
     Parameterisations read the schedule through ``d.extract(table, t, like)``,
-    ``d.pred_eps_from_x0`` and ``d.q_posterior_mean``; this object answers both for a batch at log SNRs ``lam`` ``[B]`` and
-    fractional indices ``timestep`` ``[B]`` (the ``t`` they are called with). Functions of ᾱ are
-    exact in λ; any other table is linearly interpolated in the fractional index.
+    ``d.pred_eps_from_x0`` and ``d.q_posterior_mean``; this object answers them for a batch at
+    log SNRs ``lam`` ``[B]`` and fractional indices ``timestep`` ``[B]`` (the ``t`` they are
+    called with). Functions of ᾱ are exact in λ; any other table is linearly interpolated in the
+    fractional index.
     """
 
     def __init__(
@@ -226,7 +237,9 @@ class ContinuousTables:
             values = _FROM_LOG_SNR[table](self.lam)
         else:
             values = getattr(self.diffusion, table)
-            tau = self.timestep.to(torch.float64 if values.dtype == torch.float64 else torch.float32)
+            tau = self.timestep.to(
+                torch.float64 if values.dtype == torch.float64 else torch.float32
+            )
             i = tau.floor().long().clamp(0, values.numel() - 2)
             frac = (tau - i.to(tau.dtype)).to(values.dtype)
             left = values[i]
@@ -255,9 +268,8 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def eps_prediction(
-    diffusion: GaussianDiffusion, net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    snr_time: LogSNRTime | None = None,
-) -> EpsFn:  # fmt: skip
+    diffusion: GaussianDiffusion, net: Net, snr_time: LogSNRTime | None = None
+) -> EpsFn:
     """ε̂(x, λ) of ``net`` under ``diffusion``'s parameterisation, at continuous log SNR.
 
     The network receives the parameterisation's input (x itself, EDM's c_in x) and the
@@ -304,16 +316,21 @@ def _probes(
 
 
 def _vjp(eps: torch.Tensor, x: torch.Tensor, vector: torch.Tensor, retain: bool) -> torch.Tensor:
-    """vᵀ ∂ε̂/∂x ``[B, …]`` (zeros where ε̂ does not depend on x)."""
+    """vᵀ ∂ε̂/∂x ``[B, …]`` (zeros if x is in ε̂'s graph but unused).
+
+    Raises:
+        RuntimeError: ε̂ has no autograd graph at all (autograd off around the network).
+    """
     if not eps.requires_grad:
-        return torch.zeros_like(x)
+        raise RuntimeError(
+            "ε̂ carries no autograd graph back to x, so its divergence cannot be computed (a "
+            "network without x in its graph, or autograd switched off around the network)"
+        )
     (grad,) = torch.autograd.grad(eps, x, vector, retain_graph=retain, allow_unused=True)
     return torch.zeros_like(x) if grad is None else grad
 
 
-def _divergence(
-    eps: torch.Tensor, x: torch.Tensor, probes: torch.Tensor | None
-) -> torch.Tensor:
+def _divergence(eps: torch.Tensor, x: torch.Tensor, probes: torch.Tensor | None) -> torch.Tensor:
     """∇·ε̂ per image and probe ``[B, n]``: Hutchinson vᵀ(∂ε̂/∂x)v, or exact (``probes=None``)."""
     batch = x.shape[0]
     if probes is None:
@@ -371,13 +388,30 @@ def probability_flow_log_likelihood(
         and ``seconds`` (wall-clock of the solve).
 
     Raises:
-        RuntimeError: the solve took more than ``settings.max_num_steps`` steps.
+        RuntimeError: the solver stopped (more than ``settings.max_num_steps`` steps, or a step
+            size underflow: a network that returns NaN/Inf), or ε̂ has no autograd graph.
     """
-    import torchdiffeq
-
     settings = settings or ODELikelihoodSettings()
     if not lambda_start > lambda_end:
         raise ValueError(f"need lambda_start > lambda_end, got {lambda_start}, {lambda_end}")
+    # Lightning's test loop runs under torch.inference_mode, where enable_grad alone records
+    # nothing: leave it for the solve, with x copied out of any inference tensor.
+    with torch.inference_mode(False):
+        return _solve(eps_fn, x.clone(), lambda_start, lambda_end, settings, generator, progress)
+
+
+def _solve(
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    lambda_start: float,
+    lambda_end: float,
+    settings: ODELikelihoodSettings,
+    generator: torch.Generator | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """:func:`probability_flow_log_likelihood` outside inference mode."""
+    import torchdiffeq
+
     shape = tuple(x.shape)
     batch, dims = shape[0], x[0].numel()
     probes = _probes(settings, shape, generator, x.device, x.dtype)
@@ -419,24 +453,23 @@ def probability_flow_log_likelihood(
             func, state0, grid, rtol=settings.rtol, atol=settings.atol,
             method=settings.method, options=options,
         )  # fmt: skip
-    except AssertionError as err:  # torchdiffeq's max_num_steps check
+    except AssertionError as err:  # torchdiffeq's max_num_steps and dt-underflow checks
         raise RuntimeError(
-            f"the probability-flow ODE did not finish within nll.ode.max_num_steps="
-            f"{settings.max_num_steps} steps ({nfe} evaluations; {err}); a diverging network, "
-            "or tolerances too tight for it"
+            f"the probability-flow ODE solver stopped after {nfe} evaluations ({err}): a network "
+            "that returns NaN/Inf, tolerances too tight for it, or too small "
+            f"nll.ode.max_num_steps={settings.max_num_steps}"
         ) from None
     finally:
         if bar is not None:
             bar.close()
     x_end, delta = solution[0][-1], solution[1][-1]
     prior = standard_normal_log_density(x_end)
-    seconds = time.perf_counter() - start  # the step control read the state on the host
+    # odeint's step control waits for each step's error norm, so this includes the device's time
+    seconds = time.perf_counter() - start
     return {"x_end": x_end, "prior": prior, "delta": delta, "nfe": nfe, "seconds": seconds}
 
 
-def dequantize(
-    x0: torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def dequantize(x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform dequantisation of images on the 256-level grid k/127.5 − 1 ∈ [−1, 1]:
     k + u with u ~ U[0, 1), mapped from [0, 256) to [−1, 1) as (k + u)/128 − 1."""
     levels = torch.round((x0 + 1.0) * 127.5).clamp(0, 255)
@@ -446,7 +479,7 @@ def dequantize(
 
 def ode_nll_bpd(
     diffusion: GaussianDiffusion,
-    net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    net: Net,
     x0: torch.Tensor,
     settings: ODELikelihoodSettings | None = None,
     generator: torch.Generator | None = None,

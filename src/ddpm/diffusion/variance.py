@@ -12,10 +12,9 @@ trained: :func:`ddpm.diffusion.analytic.estimate_gamma` and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
-
-import math
 
 import torch
 

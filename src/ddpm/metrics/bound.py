@@ -1,11 +1,16 @@
-"""Bits/dim of the variational bound: a torchmetrics metric and the (collective) evaluation.
+"""Bits/dim of a model: a torchmetrics metric and the (collective) evaluation.
+
+Three estimators of one quantity (``nll.estimator``): the variational bound, in full
+(:meth:`~ddpm.diffusion.GaussianDiffusion.nll_bpd`) or as an unbiased estimate from K terms
+(:meth:`~ddpm.diffusion.GaussianDiffusion.nll_bpd_stratified`), and the exact likelihood of the
+probability-flow ODE (:func:`~ddpm.diffusion.ode_likelihood.ode_nll_bpd`).
 
 The images ``0 .. num_images − 1`` of a dataset are cut into global batches; batch b goes to rank
-``b % world_size``, which evaluates :meth:`~ddpm.diffusion.GaussianDiffusion.nll_bpd` (the full
-bound) or :meth:`~ddpm.diffusion.GaussianDiffusion.nll_bpd_stratified` (an unbiased estimate from
-K terms) with a generator seeded from ``(seed, start index)``. :class:`BitsPerDim` reduces the
-per-image results to float64 sums, so a DDP run merges them with torchmetrics' ``sum``
-reduction and the result does not depend on the world size.
+``b % world_size``, which evaluates it with a generator seeded from ``(seed, start index)``.
+:class:`BitsPerDim` reduces the per-image results to float64 sums, so a DDP run merges them with
+torchmetrics' ``sum`` reduction and the result does not depend on the world size. Nothing inside
+a batch is collective (the ODE solver's step count differs from batch to batch): the ranks meet
+only after their last batch, to agree that none failed and to merge the sums.
 """
 
 from __future__ import annotations
@@ -20,27 +25,33 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
+from ddpm.diffusion.ode_likelihood import ODELikelihoodSettings, ode_nll_bpd
 from ddpm.metrics.collective import Collective, single_process
 from ddpm.metrics.sampling import EvalMode, batch_seed, shard_batches
 
 __all__ = ["NLL_ESTIMATORS", "BitsPerDim", "evaluate_nll", "nll_metric_name", "run_nll"]
 
-#: Bound estimators: ``full`` sums all T terms (the paper's protocol); ``stratified`` draws one
-#: term per stratum of t (:meth:`~ddpm.diffusion.GaussianDiffusion.nll_bpd_stratified`).
-NLL_ESTIMATORS = ("full", "stratified")
+#: Likelihood estimators: ``full`` sums all T terms of the bound (the paper's protocol);
+#: ``stratified`` draws one term per stratum of t
+#: (:meth:`~ddpm.diffusion.GaussianDiffusion.nll_bpd_stratified`); ``ode`` is the exact
+#: likelihood of the probability-flow ODE (:mod:`ddpm.diffusion.ode_likelihood`), not a bound.
+NLL_ESTIMATORS = ("full", "stratified", "ode")
 
 
 def nll_metric_name(
     estimator: str, num_terms: int | None, num_timesteps: int, clip_denoised: bool = True
 ) -> str:
     """``nll_bpd`` for the full bound (or K = T); ``nll_bpd_k{K}`` for the stratified estimate;
-    ``_unclipped`` appended when x̂₀ is not clipped inside the terms (not the paper's protocol).
+    ``_unclipped`` appended when x̂₀ is not clipped inside the terms (not the paper's protocol);
+    ``nll_bpd_ode`` for the probability-flow ODE likelihood (which clips nothing).
 
     Raises:
         ValueError: unknown estimator, or ``stratified`` without 2 ≤ ``num_terms`` ≤ T.
     """
     if estimator not in NLL_ESTIMATORS:
         raise ValueError(f"unknown nll estimator {estimator!r}: choose one of {NLL_ESTIMATORS}")
+    if estimator == "ode":
+        return "nll_bpd_ode"
     suffix = "" if clip_denoised else "_unclipped"
     if estimator == "full":
         return "nll_bpd" + suffix
@@ -54,13 +65,17 @@ def nll_metric_name(
 
 
 class BitsPerDim(Metric):
-    """Mean bound over images, in bits/dim, with its standard error.
+    """Mean bound (or ODE likelihood) over images, in bits/dim, with its standard error.
 
     Args:
         num_timesteps: T.
-        estimator: ``"full"`` or ``"stratified"``.
+        estimator: ``"full"``, ``"stratified"`` or ``"ode"``.
         num_terms: K for ``"stratified"``.
-        clip_denoised: x̂₀ clipped inside every term (the paper's evaluation; default) or not.
+        clip_denoised: x̂₀ clipped inside every term (the paper's evaluation; default) or not;
+            the ODE does not clip.
+        ode: the ODE's solver settings for ``"ode"`` (an
+            :class:`~ddpm.diffusion.ode_likelihood.ODELikelihoodSettings` or its mapping, e.g.
+            ``nll.ode``; None: the defaults, rtol = atol = 1e-5, dopri5, one Rademacher probe).
 
     ``compute()`` returns, with ``B`` = :func:`nll_metric_name`: ``B`` (mean bound), ``B_stderr``
     (standard error of that mean over images; for a stratified estimate it contains the
@@ -70,6 +85,15 @@ class BitsPerDim(Metric):
     ``[T]``, mean Lₜ per timestep index, index 0 = decoder: an array, not a metric); for
     ``stratified`` also ``B_estimator_stderr`` = √(Σᵢ Varᵢ)/n from the per-image collapsed-strata
     variances.
+
+    For ``ode`` (B = ``nll_bpd_ode``): ``B``, ``B_stderr`` (over images: it contains the
+    dequantisation and Hutchinson noise), ``B_prior`` (the prior's part, −log N(x(λ_min); 0, I)
+    per dim), ``B_num_images``, ``B_estimator_stderr`` (the Hutchinson part, √(Σᵢ Varᵢ)/n, from
+    the spread of the probes: only with ≥ 2 probes, 0 for the exact divergence), and the cost:
+    ``B_nfe`` (mean evaluations of the network per ODE solve = forward passes per image; each
+    also costs ``hutchinson_samples`` vector-Jacobian products), ``B_seconds`` (solver
+    wall-clock summed over batches and ranks) and ``B_seconds_per_image``. No key is shared
+    with the bound's.
     """
 
     full_state_update = False
@@ -81,9 +105,11 @@ class BitsPerDim(Metric):
         estimator: str = "full",
         num_terms: int | None = None,
         clip_denoised: bool = True,
+        ode: ODELikelihoodSettings | Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.name = nll_metric_name(estimator, num_terms, num_timesteps, clip_denoised)
+        self.ode = ODELikelihoodSettings.from_config(ode) if estimator == "ode" else None
         self.clip_denoised = bool(clip_denoised)
         self.estimator = estimator
         self.num_terms = None if num_terms is None else int(num_terms)
@@ -94,10 +120,15 @@ class BitsPerDim(Metric):
             self.add_state(name, torch.zeros((), dtype=f64), dist_reduce_fx="sum")
         terms = self.num_timesteps if estimator == "full" else 0
         self.add_state("terms_sum", torch.zeros(terms, dtype=f64), dist_reduce_fx="sum")
+        if estimator == "ode":  # the cost: evaluations and seconds per solve (one per batch)
+            self.add_state("solves", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+            for name in ("nfe_sum", "seconds_sum"):
+                self.add_state(name, torch.zeros((), dtype=f64), dist_reduce_fx="sum")
 
-    def update(self, out: Mapping[str, torch.Tensor]) -> None:
-        """Add one batch: the dict of ``nll_bpd`` (``total``, ``prior``, ``terms [B, T]``) or of
-        ``nll_bpd_stratified`` (``total``, ``prior``, ``stderr``), per image in bits/dim."""
+    def update(self, out: Mapping[str, Any]) -> None:
+        """Add one batch: the dict of ``nll_bpd`` (``total``, ``prior``, ``terms [B, T]``), of
+        ``nll_bpd_stratified`` (``total``, ``prior``, ``stderr``) or of ``ode_nll_bpd``
+        (``total``, ``prior``, ``stderr``, ``nfe``, ``seconds``), per image in bits/dim."""
         total = out["total"].to(self.device, torch.float64)
         self.count += total.shape[0]
         self.total_sum += total.sum()
@@ -105,8 +136,17 @@ class BitsPerDim(Metric):
         self.prior_sum += out["prior"].to(self.device, torch.float64).sum()
         if self.estimator == "full":
             self.terms_sum += out["terms"].to(self.device, torch.float64).sum(dim=0)
-        else:
+        elif self.estimator == "stratified" or self._has_estimator_stderr():
             self.estimator_var_sum += out["stderr"].to(self.device, torch.float64).square().sum()
+        if self.estimator == "ode":
+            self.solves += 1
+            self.nfe_sum += float(out["nfe"])
+            self.seconds_sum += float(out["seconds"])
+
+    def _has_estimator_stderr(self) -> bool:
+        """Whether the ODE's Hutchinson estimate has a standard error (≥ 2 probes, or exact)."""
+        assert self.ode is not None
+        return self.ode.divergence == "exact" or self.ode.num_probes > 1
 
     def compute(self) -> dict[str, float | np.ndarray]:
         n = int(self.count)
@@ -118,12 +158,21 @@ class BitsPerDim(Metric):
             stderr = math.sqrt(max(var, 0.0) / n)
         else:
             stderr = float("nan")
-        result: dict[str, float | np.ndarray] = {
-            self.name: mean,
-            f"{self.name}_stderr": stderr,
-            "nll_prior_bpd": float(self.prior_sum) / n,
-            "nll_num_images": n,
-        }
+        result: dict[str, float | np.ndarray] = {self.name: mean, f"{self.name}_stderr": stderr}
+        if self.estimator == "ode":
+            solves = max(int(self.solves), 1)
+            result[f"{self.name}_prior"] = float(self.prior_sum) / n
+            result[f"{self.name}_num_images"] = n
+            if self._has_estimator_stderr():
+                result[f"{self.name}_estimator_stderr"] = (
+                    math.sqrt(float(self.estimator_var_sum)) / n
+                )
+            result[f"{self.name}_nfe"] = float(self.nfe_sum) / solves
+            result[f"{self.name}_seconds"] = float(self.seconds_sum)
+            result[f"{self.name}_seconds_per_image"] = float(self.seconds_sum) / n
+            return result
+        result["nll_prior_bpd"] = float(self.prior_sum) / n
+        result["nll_num_images"] = n
         if self.estimator == "full":
             terms = (self.terms_sum / n).cpu().numpy()
             result["nll_decoder_bpd" + ("" if self.clip_denoised else "_unclipped")] = float(
@@ -155,16 +204,22 @@ def run_nll(
     strategy: Collective | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The bound on images ``0 .. num_images − 1`` of ``dataset``, sharded (collective).
+    """Bits/dim on images ``0 .. num_images − 1`` of ``dataset``, sharded (collective).
 
     Batch ``b`` (images ``[b·batch_size, …)``) runs on rank ``b % world_size`` with a generator
     ``torch.Generator(device).manual_seed(batch_seed(seed, start, "nll"))`` passed to
-    ``diffusion.nll_bpd`` (``metric.estimator == "full"``) or ``diffusion.nll_bpd_stratified``
-    with ``metric.num_terms``, x̂₀ clipped as ``metric.clip_denoised`` says; so the result does
-    not depend on the world size.
+    ``diffusion.nll_bpd`` (``metric.estimator == "full"``), ``diffusion.nll_bpd_stratified``
+    with ``metric.num_terms``, x̂₀ clipped as ``metric.clip_denoised`` says, or
+    :func:`~ddpm.diffusion.ode_likelihood.ode_nll_bpd` with ``metric.ode`` (``"ode"``); so the
+    result does not depend on the world size. ``net`` must be the plain (EMA) network, never a
+    DDP wrapper: no rank may wait on another inside a batch.
 
     Returns:
         :meth:`BitsPerDim.compute`, on every rank.
+
+    Raises:
+        RuntimeError: on every rank, when a batch failed on any rank (its own error where it
+            happened); the ranks agree on it before merging, so none is left waiting.
     """
     device = diffusion.betas.device  # type: ignore[union-attr]
     strategy = single_process(strategy, device)
@@ -174,29 +229,54 @@ def run_nll(
     metric.reset()
     metric.to(device)
     batches: Any = shard_batches(n, batch_size, strategy.global_rank, strategy.world_size)
-    if progress and strategy.global_rank == 0:
+    progress = progress and strategy.global_rank == 0
+    if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"bits/dim on {n} images", unit="batch", leave=False)
+    error: Exception | None = None
     with EvalMode(net), torch.no_grad():
-        for start, stop in batches:
-            x0 = torch.stack([_first(dataset[i]) for i in range(start, stop)])
-            x0 = x0.to(device=device, dtype=diffusion.betas.dtype)  # type: ignore[union-attr]
-            generator = torch.Generator(device=device).manual_seed(batch_seed(seed, start, "nll"))
-            if metric.estimator == "full":
-                out = diffusion.nll_bpd(  # type: ignore[operator]
-                    net, x0, generator=generator, clip_denoised=metric.clip_denoised
-                )
-            else:
-                out = diffusion.nll_bpd_stratified(  # type: ignore[operator]
-                    net,
-                    x0,
-                    metric.num_terms,
-                    generator=generator,
-                    clip_denoised=metric.clip_denoised,
-                )
-            metric.update(out)
+        try:
+            for start, stop in batches:
+                x0 = torch.stack([_first(dataset[i]) for i in range(start, stop)])
+                x0 = x0.to(device=device, dtype=diffusion.betas.dtype)  # type: ignore[union-attr]
+                seed_b = batch_seed(seed, start, "nll")
+                generator = torch.Generator(device=device).manual_seed(seed_b)
+                metric.update(_batch_nll(diffusion, net, x0, metric, generator, progress))
+        except Exception as exc:  # every rank must reach the decision below
+            error = exc
+    if not strategy.reduce_boolean_decision(error is None, all=True):
+        if error is not None:
+            raise error
+        raise RuntimeError("bits/dim failed on another rank (see its error message)")
     return metric.compute()
+
+
+def _batch_nll(
+    diffusion: nn.Module,
+    net: nn.Module,
+    x0: torch.Tensor,
+    metric: BitsPerDim,
+    generator: torch.Generator,
+    progress: bool,
+) -> dict[str, Any]:
+    """One batch's per-image results for ``metric.estimator`` (see :meth:`BitsPerDim.update`)."""
+    if metric.estimator == "full":
+        return diffusion.nll_bpd(  # type: ignore[operator]
+            net, x0, generator=generator, clip_denoised=metric.clip_denoised
+        )
+    if metric.estimator == "stratified":
+        return diffusion.nll_bpd_stratified(  # type: ignore[operator]
+            net, x0, metric.num_terms, generator=generator, clip_denoised=metric.clip_denoised
+        )
+    return ode_nll_bpd(
+        diffusion,  # type: ignore[arg-type]
+        net,
+        x0,
+        settings=metric.ode,
+        generator=generator,
+        progress=progress,
+    )
 
 
 def evaluate_nll(
@@ -212,8 +292,10 @@ def evaluate_nll(
     num_terms: int | None = None,
     clip_denoised: bool = True,
     strategy: Collective | None = None,
+    ode: ODELikelihoodSettings | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Bits/dim (the variational bound) on the first ``num_images`` images (collective).
+    """Bits/dim (the variational bound, or the ODE likelihood) on the first ``num_images``
+    images (collective).
 
     Args:
         diffusion: the :class:`~ddpm.diffusion.GaussianDiffusion`, on the evaluation device.
@@ -226,10 +308,14 @@ def evaluate_nll(
         batch_size: default the loader's batch size, else 64.
         progress: tqdm bar on rank 0.
         estimator: ``"full"`` (all T terms, the paper's protocol; T network evaluations per
-            image) or ``"stratified"`` (an unbiased estimate from ``num_terms`` = K terms).
+            image), ``"stratified"`` (an unbiased estimate from ``num_terms`` = K terms) or
+            ``"ode"`` (the probability-flow ODE likelihood, ``nll_bpd_ode``; a forward pass and
+            ``hutchinson_samples`` vector-Jacobian products per solver evaluation).
         num_terms: K, for ``"stratified"``.
         clip_denoised: clip x̂₀ inside every term (the paper's evaluation) or not (``_unclipped``).
         strategy: the run's strategy (None: this process alone).
+        ode: the ODE's settings (:class:`~ddpm.diffusion.ode_likelihood.ODELikelihoodSettings`
+            or a mapping such as ``nll.ode``), for ``"ode"``.
 
     Returns:
         :meth:`~ddpm.metrics.bound.BitsPerDim.compute` (bits/dim, on every rank). A full and a
@@ -237,7 +323,13 @@ def evaluate_nll(
     """
     dataset = dataloader.dataset if isinstance(dataloader, DataLoader) else dataloader
     loader_batch = dataloader.batch_size if isinstance(dataloader, DataLoader) else None
-    metric = BitsPerDim(diffusion.num_timesteps, estimator, num_terms, clip_denoised)  # type: ignore[arg-type]
+    metric = BitsPerDim(
+        diffusion.num_timesteps,  # type: ignore[arg-type]
+        estimator,
+        num_terms,
+        clip_denoised,
+        ode=ode,
+    )
     return run_nll(
         diffusion,
         net,

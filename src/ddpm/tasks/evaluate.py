@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ddpm.builders import build_datamodule, ensure_writable_dir, load_inference_module
 from ddpm.callbacks import NLLCallback, SampleQualityCallback
 from ddpm.errors import ConfigError
+from ddpm.inference_variance import apply_configured_variance
 from ddpm.models.speed import fast_inference_net, speed_options
 from ddpm.tasks.common import sampler_spec, write_json_atomic
 
@@ -42,6 +43,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed = _evaluation_seed(cfg, run_cfg)
     with open_dict(cfg):
         cfg.seed = seed  # before anything interpolates ${seed}
+    # variance=...: before the speed options wrap the network (Γ's cache hashes its weights).
+    variance = apply_configured_variance(cfg, module.diffusion, module.ema_net, run_cfg)
     speed = speed_options(cfg.get("speed"))
     module.ema.ema_net = fast_inference_net(module.ema.ema_net, **speed)
     data_node = run_cfg.data if run_cfg is not None else cfg.pretrained_data
@@ -92,6 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 estimator=str(nll.estimator),
                 num_terms=nll.get("num_terms"),
                 clip_denoised=bool(cfg.metrics.clip_bound),
+                ode=OmegaConf.to_container(nll.ode) if nll.get("ode") is not None else None,
             )
         )
     trainer: pl.Trainer = instantiate(
@@ -107,17 +111,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "seed": seed,
         "speed": speed,
         "world_size": trainer.world_size,
+        **variance.summary(),
     }
-    metrics.update({k: float(v) for k, v in (logged[0] if logged else {}).items()})
+    metrics.update(variance.tag({k: float(v) for k, v in (logged[0] if logged else {}).items()}))
     terms = None
     for callback in callbacks:
         if isinstance(callback, SampleQualityCallback):
-            metrics.update(callback.last_metrics)
+            # Only the ancestral sampler draws its noise with the variance.
+            uses_variance = callback.sampler.name == "ancestral"
+            metrics.update(variance.tag(callback.last_metrics, uses_variance))
         else:
             result = dict(callback.last_result or {})
             terms = result.pop("terms_bpd", None)
-            metrics.update(result)
+            metrics.update(variance.tag_nll(result, str(nll.estimator)))
     if trainer.is_global_zero:
+        gamma_path = variance.save_gamma(output_dir)
+        if gamma_path is not None:
+            metrics["analytic_gamma_npz"] = str(gamma_path)
         if terms is not None:
             path = Path(output_dir) / "nll_terms.npy"
             np.save(path, terms)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ddpm.builders import ensure_writable_dir, load_for_inference
 from ddpm.errors import ConfigError
 from ddpm.images import auto_grid_scale, quantize_to_uint8, save_grid_png
+from ddpm.inference_variance import apply_configured_variance
 from ddpm.models.speed import fast_inference_net, speed_options
 from ddpm.tasks.common import resolve_device, sampler_spec
 
@@ -24,9 +25,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = ensure_writable_dir(cfg.output_dir)
     device = resolve_device(cfg.device)
     spec = sampler_spec(cfg)
-    diffusion, net, image_shape, _ = load_for_inference(
+    diffusion, net, image_shape, run_cfg = load_for_inference(
         cfg.ckpt_path, cfg.pretrained, cfg.get("pretrained_diffusion"), device
     )
+    variance = apply_configured_variance(cfg, diffusion, net, run_cfg, sampler=spec.name)
     net = fast_inference_net(net, **speed_options(cfg.get("speed")))
     num_samples, batch_size = int(cfg.num_samples), int(cfg.batch_size)
     if num_samples < 1 or batch_size < 1:
@@ -60,4 +62,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     nfe = spec.nfe(diffusion.num_timesteps, bool(diffusion.betas[-1] == 1))
     print(f"samples: {png}\narrays:  {npz} ({num_samples} images, uint8 NHWC)", flush=True)
     print(f"sampler: {spec.name}, {nfe} network evaluations per image", flush=True)
-    return {"png": str(png), "npz": str(npz), "num_samples": num_samples, "nfe": nfe}
+    print(f"variance: {variance.name}", flush=True)
+    return {
+        "png": str(png),
+        "npz": str(npz),
+        "num_samples": num_samples,
+        "nfe": nfe,
+        **variance.summary(),
+    }
