@@ -66,6 +66,7 @@ def test_train_with_wandb_offline_then_sample_and_eval(tmp_path):
     # Third-party notices that are not the user's business are silenced.
     assert "litlogger" not in proc.stdout + proc.stderr
     assert "LeafSpec" not in proc.stdout + proc.stderr
+    assert "anonymous setting" not in proc.stdout + proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run_name"] == "quickstart" and metrics["diverged"] is False
     assert (out / "samples" / "final.png").is_file()
