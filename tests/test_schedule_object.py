@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from ddpm.builders import build_diffusion
+from ddpm.builders import build_diffusion, build_module, load_module_from_checkpoint
 from ddpm.diffusion import (
     SCHEDULES,
     WEIGHTINGS,
@@ -504,3 +504,30 @@ def test_a_stored_run_config_still_builds() -> None:
     assert cfg.schedule._target_ == "ddpm.diffusion.make_betas"
     d = build_diffusion(cfg)
     _assert_tables_equal(d, _old_tables(_old_betas("linear", int(cfg.schedule.num_timesteps))))
+
+
+def test_a_checkpoint_with_a_config_from_before_loads(compose_cfg, tmp_path: Path) -> None:
+    """A checkpoint whose stored run config builds its schedule with ``make_betas`` loads with
+    every state-dict key matched (the schedule adds none), and its state dict is the one a
+    module built from today's config has."""
+    cfg = compose_cfg("schedule=cosine")
+    with open_dict(cfg):
+        cfg.schedule._target_ = "ddpm.diffusion.make_betas"
+    old = build_module(cfg, (1, 8, 8))
+    path = tmp_path / "old.ckpt"
+    torch.save(
+        {
+            "state_dict": old.state_dict(),
+            "run_config": OmegaConf.to_container(cfg, resolve=False),
+            "image_shape": [1, 8, 8],
+        },
+        path,
+    )
+    module, loaded_cfg = load_module_from_checkpoint(path)
+    assert loaded_cfg.schedule._target_ == "ddpm.diffusion.make_betas"
+    T = int(cfg.schedule.num_timesteps)
+    _assert_tables_equal(module.diffusion, _old_tables(_old_betas("cosine", T)))
+    new = build_module(compose_cfg("schedule=cosine"), (1, 8, 8))
+    assert isinstance(new.diffusion.schedule, CosineSchedule)
+    assert new.state_dict().keys() == old.state_dict().keys()
+    assert not any("schedule" in key or "alphas" in key for key in new.state_dict())
