@@ -216,11 +216,10 @@ class ContinuousTables:
     """A schedule's tables at continuous log SNRs, shaped as a parameterisation reads them.
 
     Parameterisations read the schedule through ``schedule.extract(table, t, like)``,
-    ``schedule.pred_eps_from_x0`` and ``schedule.q_posterior_mean``; this object answers them
-    (in the schedule's place) for a batch at
-    log SNRs ``lam`` ``[B]`` and fractional indices ``timestep`` ``[B]`` (the ``t`` they are
-    called with). Functions of ᾱ are exact in λ; any other table is linearly interpolated in the
-    fractional index.
+    ``schedule.pred_eps_from_x0`` and ``schedule.q_posterior_mean``; this object answers them in
+    the schedule's place for a batch at log SNRs ``lam`` ``[B]`` and fractional indices
+    ``timestep`` ``[B]`` (the ``t`` they are called with). Functions of ᾱ are exact in λ; any
+    other table is linearly interpolated in the fractional index.
     """
 
     def __init__(self, schedule: Schedule, lam: torch.Tensor, timestep: torch.Tensor) -> None:

@@ -17,11 +17,10 @@ plus an entry in :data:`SAMPLERS`.
 :class:`~ddpm.diffusion.GaussianDiffusion` façade); α, σ and the timestep grid come from its
 schedule ``d.schedule``. Every sampler reads x̂₀ through ``d.p_mean_variance`` (so it works for
 every parameterisation and clips like the others) and ε̂ through the schedule's
-``pred_eps_from_x0``. Randomness comes
-only from the ``torch.Generator`` passed in. The ancestral/DDIM loop indexes device-resident tables
-with device-resident timesteps, so a step makes no host↔device copy; the ODE solvers' coefficients
-are host float64 scalars computed once per call. Which timesteps a chain visits is
-:mod:`ddpm.diffusion.spacing`.
+``pred_eps_from_x0``. Randomness comes only from the ``torch.Generator`` passed in. The
+ancestral/DDIM loop indexes device-resident tables with device-resident timesteps, so a step
+makes no host↔device copy; the ODE solvers' coefficients are host float64 scalars computed once
+per call. Which timesteps a chain visits is :mod:`ddpm.diffusion.spacing`.
 """
 
 from __future__ import annotations
