@@ -21,10 +21,11 @@ A zero-terminal-SNR schedule (ᾱ_T = 0) refuses every weighting but ``none``
 implied ε̂ is x_T = ε whatever the network outputs, so the ε-MSE, and any w(t) times it, is zero
 at the last step. The plain v- or x₀-MSE (``none``) trains that step.
 
-Each class computes its table ``[T]`` once, in float64, from the schedule's float64 tables (and, for
-``none`` and ``elbo``, the parameterisation or variance it is composed with: :meth:`Weighting.table`
-receives the composition, any :class:`~ddpm.diffusion.protocols.Composition` such as the façade);
-the diffusion stores it as a buffer, so a training step indexes it on the device without a host copy. Adding one is one
+Each class computes its table ``[T]`` once, in float64, from the schedule's float64 tables (and,
+for ``none`` and ``elbo``, the parameterisation or the variance it is composed with, so
+:meth:`Weighting.table` receives the composition: any
+:class:`~ddpm.diffusion.protocols.Composition`, such as the façade). The diffusion stores it as a
+buffer, so a training step indexes it on the device without a host copy. Adding one is one
 subclass with a ``name`` (it registers itself in :data:`WEIGHTINGS`) plus a YAML in
 ``conf/weighting/``.
 """
