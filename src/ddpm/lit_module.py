@@ -79,10 +79,7 @@ class DiffusionLitModule(pl.LightningModule):
         self.lr_warmup_steps = int(lr_warmup_steps)
         self.ema = ExponentialMovingAverage(net, decay=ema_decay)
         self.timestep_sampler = make_timestep_sampler(
-            timestep_sampler,
-            diffusion.num_timesteps,
-            alphas_cumprod=torch.cumprod(1.0 - diffusion.betas_float64, 0),
-            **dict(timestep_sampler_kwargs or {}),
+            timestep_sampler, diffusion.schedule, **dict(timestep_sampler_kwargs or {})
         )
         self.check_finite_every_n_steps = check_finite_every_n_steps
         self.channels_last = bool(channels_last)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ddpm.ablation import Objective, objectives
 
@@ -57,12 +56,11 @@ def row_weightings(overrides: Sequence[str] = ()) -> list[RowWeighting]:
         d = build_diffusion(cfg)
         note = ""
         if d.loss.name == "vlb" and d.variance.learned:
-            d = GaussianDiffusion(d.betas_float64, d.parameterization, "fixed_large", "vlb")
+            d = GaussianDiffusion(d.schedule, d.parameterization, "fixed_large", "vlb")
             note = "bound drawn with σ² = β in place of the learned Σ"
         sampler = make_timestep_sampler(
             str(cfg.module.timestep_sampler),
-            d.num_timesteps,
-            alphas_cumprod=torch.cumprod(1.0 - d.betas_float64, 0),
+            d.schedule,
             **dict(cfg.module.get("timestep_sampler_kwargs") or {}),
         )
         curves = d.effective_weighting(sampler)

@@ -1,7 +1,8 @@
 """Pure-torch diffusion maths (no Lightning, no Hydra).
 
-Public façade: :class:`GaussianDiffusion` and :func:`make_betas`; samplers by name
-(:data:`SAMPLERS`, :class:`SamplerSpec`).
+Public façade: :class:`GaussianDiffusion`, composed of a :class:`Schedule` (one class per
+schedule, by name in :data:`SCHEDULES`: :func:`make_schedule`, or a β table from
+:func:`make_betas`) and the strategies; samplers by name (:data:`SAMPLERS`, :class:`SamplerSpec`).
 """
 
 from ddpm.diffusion.analytic import GammaEstimate, estimate_gamma
@@ -25,7 +26,19 @@ from ddpm.diffusion.parameterization import (
     make_parameterization,
 )
 from ddpm.diffusion.sampling import SAMPLERS, SamplerSpec, get_sampler
-from ddpm.diffusion.schedule import SCHEDULES, make_betas, schedule_tables
+from ddpm.diffusion.schedule import (
+    SCHEDULES,
+    BetaSchedule,
+    CosineSchedule,
+    LinearSchedule,
+    QuadSchedule,
+    Schedule,
+    SigmoidSchedule,
+    ZeroTerminalSNRSchedule,
+    make_betas,
+    make_schedule,
+    schedule_tables,
+)
 from ddpm.diffusion.spacing import DEFAULT_SPACING, SPACINGS, timestep_spacing
 from ddpm.diffusion.timesteps import (
     TIMESTEP_SAMPLERS,
@@ -59,6 +72,8 @@ __all__ = [
     "VARIANCES",
     "WEIGHTINGS",
     "AnalyticVariance",
+    "BetaSchedule",
+    "CosineSchedule",
     "EDMLogNormalSampler",
     "EDMParameterization",
     "EpsParameterization",
@@ -69,11 +84,15 @@ __all__ = [
     "HybridLoss",
     "LearnedRangeVariance",
     "LearnedVariance",
+    "LinearSchedule",
     "Loss",
     "LossSecondMomentSampler",
     "MuParameterization",
     "Parameterization",
+    "QuadSchedule",
     "SamplerSpec",
+    "Schedule",
+    "SigmoidSchedule",
     "SimpleLoss",
     "TimestepSampler",
     "UniformSampler",
@@ -82,6 +101,7 @@ __all__ = [
     "Variance",
     "Weighting",
     "X0Parameterization",
+    "ZeroTerminalSNRSchedule",
     "analytic_variance",
     "approx_standard_normal_cdf",
     "discretized_gaussian_log_likelihood",
@@ -90,6 +110,7 @@ __all__ = [
     "make_betas",
     "make_loss",
     "make_parameterization",
+    "make_schedule",
     "make_timestep_sampler",
     "make_variance",
     "make_weighting",

@@ -10,12 +10,10 @@ small image set still fills each batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion, Net
+from ddpm.diffusion.protocols import Diffusion, Net
 
 __all__ = ["GammaEstimate", "estimate_gamma"]
 
@@ -38,7 +36,7 @@ class GammaEstimate:
 
 @torch.no_grad()
 def estimate_gamma(
-    d: GaussianDiffusion,
+    d: Diffusion,
     net: Net,
     x0: torch.Tensor,
     batch_size: int = 500,
@@ -70,7 +68,7 @@ def estimate_gamma(
         raise ValueError(f"estimating Γ needs at least 2 images, got {n}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size={batch_size}: give a positive integer")
-    device, dtype = d.betas.device, d.betas.dtype
+    device, dtype = d.schedule.device, d.schedule.dtype
     x0 = x0.to(device=device, dtype=dtype)
     T = d.num_timesteps
     sums = torch.zeros(T, device=device, dtype=torch.float64)
@@ -87,7 +85,7 @@ def estimate_gamma(
         noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
         x_t = d.q_sample(x, t, noise)
         output, _ = d.split_output(d.model_output(net, x_t, t).to(dtype))
-        eps = d.parameterization.pred_eps(d, output, x_t, t)
+        eps = d.parameterization.pred_eps(d.schedule, output, x_t, t)
         per_image = eps.to(torch.float64).square().flatten(1).mean(dim=1)  # ‖ε̂‖²/d  [b]
         sums.index_add_(0, t, per_image)
         square_sums.index_add_(0, t, per_image.square())

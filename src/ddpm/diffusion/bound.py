@@ -1,24 +1,23 @@
-"""The variational bound of a :class:`GaussianDiffusion` in bits/dim: the full sum over all T
-terms (the paper's protocol) and an unbiased stratified estimate from K ≪ T terms with its
-standard error. ``GaussianDiffusion.nll_bpd`` and ``nll_bpd_stratified`` call these.
+"""The variational bound of a composed diffusion in bits/dim: the full sum over all T terms (the
+paper's protocol) and an unbiased stratified estimate from K ≪ T terms with its standard error.
+``GaussianDiffusion.nll_bpd`` and ``nll_bpd_stratified`` call these; ``d`` is any
+:class:`~ddpm.diffusion.protocols.Diffusion`.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion, Net
+from ddpm.diffusion.protocols import Diffusion, Net
 
 __all__ = ["full_bound", "stratified_bound", "stratum_bounds"]
 
 
 @torch.no_grad()
 def full_bound(
-    d: GaussianDiffusion,
+    d: Diffusion,
     net: Net,
     x0: torch.Tensor,
     generator: torch.Generator | None = None,
@@ -70,7 +69,7 @@ def stratum_bounds(num_timesteps: int, num_terms: int) -> torch.Tensor:
 
 @torch.no_grad()
 def stratified_bound(
-    d: GaussianDiffusion,
+    d: Diffusion,
     net: Net,
     x0: torch.Tensor,
     num_terms: int,

@@ -1,5 +1,10 @@
 """The one public façade: a Gaussian diffusion composed of schedule × parameterisation × variance × loss.
 
+The façade composes and owns no table: the :class:`~ddpm.diffusion.schedule.Schedule` holds α, σ,
+log SNR and every derived table, and the strategies receive it (the losses and weightings, which
+combine strategies, receive the façade through the structural types of
+:mod:`ddpm.diffusion.protocols`). No module of ``ddpm.diffusion`` imports this one back.
+
 Data flows one way, ``x0 → q_sample → net → parameterisation → variance → loss``; training, the
 bound and every sampler go through :meth:`GaussianDiffusion.p_mean_variance`, so they cannot drift.
 
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddpm.diffusion.bound import full_bound, stratified_bound, stratum_bounds
 from ddpm.diffusion.likelihood import (
     discretized_gaussian_log_likelihood,
     mean_flat_bpd,
@@ -26,23 +32,27 @@ from ddpm.diffusion.likelihood import (
 )
 from ddpm.diffusion.losses import Loss, make_loss
 from ddpm.diffusion.parameterization import Parameterization, make_parameterization
-from ddpm.diffusion.schedule import schedule_tables
+from ddpm.diffusion.protocols import Net
+from ddpm.diffusion.sampling import sample_loop
+from ddpm.diffusion.schedule import TABLE_NAMES, Schedule, as_schedule
+from ddpm.diffusion.spacing import timestep_spacing
 from ddpm.diffusion.variance import Variance, make_variance
 from ddpm.diffusion.weighting import Weighting, effective_weighting, make_weighting
 
 __all__ = ["GaussianDiffusion", "Net"]
-
-Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: How many respaced children (:meth:`GaussianDiffusion.respaced`) a diffusion keeps, by recency.
 RESPACED_CACHE_SIZE = 8
 
 
 class GaussianDiffusion(nn.Module):
-    """Schedule tables (buffers) plus the parameterisation, variance and loss strategies.
+    """A schedule composed with the parameterisation, variance, loss and weighting strategies.
 
     Args:
-        betas: β schedule ``[T]`` (see :func:`~ddpm.diffusion.make_betas`).
+        betas: the schedule: a :class:`~ddpm.diffusion.schedule.Schedule` (see
+            :func:`~ddpm.diffusion.make_schedule`), or a β table ``[T]`` (see
+            :func:`~ddpm.diffusion.make_betas`), which becomes a plain ``Schedule``. The name is
+            that of every run configuration (``diffusion.betas: ${schedule}``).
         parameterization: ``eps``, ``x0``, ``mu``, ``v`` or a
             :class:`~ddpm.diffusion.parameterization.Parameterization`.
         variance: ``fixed_large``, ``fixed_small``, ``learned``, ``learned_range`` or a
@@ -50,6 +60,8 @@ class GaussianDiffusion(nn.Module):
         loss: ``simple``, ``vlb``, ``hybrid`` or a :class:`~ddpm.diffusion.losses.Loss`.
         loss_kwargs: extra arguments for a loss given by name (e.g. ``{"vlb_weight": 1e-3}``).
         dtype: dtype of the stored tables; float64 gives exact maths for tests and references.
+            None: the schedule's own (float32 for a β table); a schedule of another dtype is
+            copied with its tables cast from float64 (:meth:`Schedule.with_dtype`).
 
     Raises:
         ValueError: for an unknown name, or a combination the loss cannot train, naming the
@@ -57,18 +69,21 @@ class GaussianDiffusion(nn.Module):
             ε prediction and any weighting other than ``none`` (the ε-MSE it weights is
             identically zero at the last step).
 
-    The tables are computed in float64 and stored as ``dtype`` (float32 by default) non-persistent
-    buffers, so they move with ``.to(device)`` and never enter checkpoints.
+    The schedule is the submodule ``schedule``: its tables are computed in float64 and stored as
+    ``dtype`` non-persistent buffers, so they move with ``.to(device)`` and never enter
+    checkpoints. The façade exposes the same tensors as its own buffers under the same names
+    (``d.alphas_cumprod`` is ``d.schedule.alphas_cumprod``), and delegates ``extract``, the
+    forward process and ``pred_eps_from_x0`` to the schedule.
     """
 
     def __init__(
         self,
-        betas: torch.Tensor | Sequence[float],
+        betas: Schedule | torch.Tensor | Sequence[float],
         parameterization: str | Parameterization = "eps",
         variance: str | Variance = "fixed_large",
         loss: str | Loss = "simple",
         loss_kwargs: dict[str, Any] | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         weighting: str | Weighting = "none",
         weighting_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -84,8 +99,8 @@ class GaussianDiffusion(nn.Module):
                 "the MSE of loss=simple (loss=vlb is itself the ELBO weighting). Use loss=simple "
                 f"with weighting={self.weighting.name}, or weighting=none."
             )
-        tables = schedule_tables(torch.as_tensor(betas, dtype=torch.float64))
-        zero_terminal_snr = bool(tables["alphas_cumprod"][-1] == 0)
+        self.schedule = as_schedule(betas, dtype)
+        zero_terminal_snr = self.schedule.zero_terminal_snr
         if zero_terminal_snr and not self.parameterization.finite_at_zero_snr:
             raise ValueError(
                 f"parameterization={self.parameterization.name} with a zero-terminal-SNR schedule: "
@@ -104,10 +119,9 @@ class GaussianDiffusion(nn.Module):
                 "parameterization=x0 (their plain MSE trains it), or "
                 "schedule.zero_terminal_snr=false."
             )
-        self.num_timesteps = int(tables["betas"].numel())
-        self.betas_float64 = tables["betas"]  # kept on the host for respacing, never per step
-        for name, value in tables.items():
-            self.register_buffer(name, value.to(dtype), persistent=False)
+        self.num_timesteps = self.schedule.num_timesteps
+        for name in TABLE_NAMES:  # the schedule's tensors, under the names callers know
+            self.register_buffer(name, self.schedule.get_buffer(name), persistent=False)
         if self.weighting.name != "none":
             weights = self.weighting.table(self)
             if not torch.isfinite(weights).all() or (weights < 0).any():
@@ -116,19 +130,24 @@ class GaussianDiffusion(nn.Module):
                     "this schedule"
                 )
             #: w(t) ``[T]`` on the ε-MSE of loss=simple.
-            self.register_buffer("weights", weights.to(dtype), persistent=False)
+            self.register_buffer("weights", weights.to(self.schedule.dtype), persistent=False)
         self._respaced: OrderedDict[tuple, GaussianDiffusion] = OrderedDict()  # LRU, see respaced
-        self.variance.check(self)  # e.g. an analytic variance's Γ must have T entries
+        self.variance.check(self.schedule)  # e.g. an analytic variance's Γ must have T entries
 
-    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> GaussianDiffusion:
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> GaussianDiffusion:
         """Move/cast the tables (``.to``, ``.cuda``, ``.double``, ...) and drop respaced children.
 
-        The children are not submodules (they must not enter ``state_dict``), so ``fn`` would not
-        reach them, and their strategies hold the parent and its ``timestep_map`` as plain
-        attributes that casting the child could not update either. Rebuilding them on demand
-        from the float64 βs is cheap and exact, and releases the old device's memory.
+        The façade's table buffers are the schedule's tensors: after the schedule has moved they
+        point at its new tensors again. The children are not submodules (they must not enter
+        ``state_dict``), so ``fn`` would not reach them, and their strategies hold the parent and
+        its ``timestep_map`` as plain attributes that casting the child could not update
+        either. Rebuilding them on demand from the float64 βs is cheap and exact, and releases the
+        old device's memory.
         """
-        result = super()._apply(fn, *args, **kwargs)
+        result = super()._apply(fn, recurse)
+        if recurse:
+            for name in TABLE_NAMES:
+                self._buffers[name] = self.schedule.get_buffer(name)
         self._respaced.clear()
         return result
 
@@ -152,7 +171,7 @@ class GaussianDiffusion(nn.Module):
                 "replace another; swap only between fixed variances (fixed_large, fixed_small, "
                 "analytic)"
             )
-        variance.check(self)
+        variance.check(self.schedule)
         self.variance = variance
         self._respaced.clear()
 
@@ -167,10 +186,15 @@ class GaussianDiffusion(nn.Module):
         """``parameterization-variance-loss``, e.g. ``eps-fixed_large-simple``."""
         return f"{self.parameterization.name}-{self.variance.name}-{self.loss.name}"
 
+    @property
+    def betas_float64(self) -> torch.Tensor:
+        """β ``[T]`` float64 on the host (the schedule's)."""
+        return self.schedule.betas_float64
+
     def extract(self, table: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``table[t]`` reshaped to ``[B, 1, …, 1]`` to broadcast against ``like`` (no host copy)."""
-        values = getattr(self, table)[t]
-        return values.reshape(t.shape[0], *([1] * (like.dim() - 1))).to(like.dtype)
+        """``table[t]`` reshaped to ``[B, 1, …, 1]`` to broadcast against ``like`` (no host copy);
+        :meth:`Schedule.extract <ddpm.diffusion.schedule.Schedule.extract>`."""
+        return self.schedule.extract(table, t, like)
 
     def split_output(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Split the network output into (parameterisation part, variance part or None)."""
@@ -188,47 +212,32 @@ class GaussianDiffusion(nn.Module):
         ``t`` are this diffusion's timesteps, which the network also receives as its noise input;
         the parameterisation preconditions x_t (identity except for ``edm``).
         """
-        return net(self.parameterization.net_input(self, x_t, t), t)
+        return net(self.parameterization.net_input(self.schedule, x_t, t), t)
 
     # ------------------------------------------------------------------ forward process
     def q_mean_variance(
         self, x0: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q(x_t | x0): (mean, variance, log_variance), variance terms ``[B, 1, …]``."""
-        mean = self.extract("sqrt_alphas_cumprod", t, x0) * x0
-        variance = 1.0 - self.extract("alphas_cumprod", t, x0)
-        log_variance = self.extract("log_one_minus_alphas_cumprod", t, x0)
-        return mean, variance, log_variance
+        return self.schedule.q_mean_variance(x0, t)
 
     def q_sample(
         self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x_t = √ᾱₜ x0 + √(1−ᾱₜ) ε."""
-        if noise is None:
-            noise = torch.randn_like(x0)
-        return (
-            self.extract("sqrt_alphas_cumprod", t, x0) * x0
-            + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
-        )
+        return self.schedule.q_sample(x0, t, noise)
 
     def q_posterior_mean(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
         """μ̃ₜ(x_t, x0) of q(x_{t−1} | x_t, x0)."""
-        return (
-            self.extract("posterior_mean_coef1", t, x_t) * x0
-            + self.extract("posterior_mean_coef2", t, x_t) * x_t
-        )
+        return self.schedule.q_posterior_mean(x0, x_t, t)
 
     def q_posterior_mean_variance(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q(x_{t−1} | x_t, x0): (mean, β̃ₜ, log β̃ₜ clipped)."""
-        return (
-            self.q_posterior_mean(x0, x_t, t),
-            self.extract("posterior_variance", t, x_t),
-            self.extract("posterior_log_variance_clipped", t, x_t),
-        )
+        return self.schedule.q_posterior_mean_variance(x0, x_t, t)
 
     # ------------------------------------------------------------------ reverse process
     def p_mean_variance(
@@ -246,11 +255,11 @@ class GaussianDiffusion(nn.Module):
         """
         net_output = net_output.to(x_t.dtype)
         mean_output, var_output = self.split_output(net_output)
-        variance, log_variance = self.variance(self, var_output, x_t, t)
-        pred_x0 = self.parameterization.pred_x0(self, mean_output, x_t, t)
+        variance, log_variance = self.variance(self.schedule, var_output, x_t, t)
+        pred_x0 = self.parameterization.pred_x0(self.schedule, mean_output, x_t, t)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
-        mean = self.parameterization.mean(self, mean_output, x_t, t, pred_x0)
+        mean = self.parameterization.mean(self.schedule, mean_output, x_t, t, pred_x0)
         return {
             "mean": mean,
             "variance": variance.expand_as(x_t),
@@ -262,9 +271,7 @@ class GaussianDiffusion(nn.Module):
         self, x_t: torch.Tensor, t: torch.Tensor, pred_x0: torch.Tensor
     ) -> torch.Tensor:
         """ε̂ = (x_t − √ᾱₜ x̂₀)/√(1−ᾱₜ) (finite at zero terminal SNR, where it is x_T)."""
-        return (x_t - self.extract("sqrt_alphas_cumprod", t, x_t) * pred_x0) / self.extract(
-            "sqrt_one_minus_alphas_cumprod", t, x_t
-        )
+        return self.schedule.pred_eps_from_x0(x_t, t, pred_x0)
 
     # ------------------------------------------------------------------ objectives
     def effective_weighting(self, timestep_sampler: Any | None = None) -> dict[str, torch.Tensor]:
@@ -354,16 +361,12 @@ class GaussianDiffusion(nn.Module):
         Returns:
             ``total [B]``, ``terms [B, T]`` (decoder NLL at index 0) and ``prior [B]``.
         """
-        from ddpm.diffusion.bound import full_bound
-
         return full_bound(
             self, net, x0, generator=generator, progress=progress, clip_denoised=clip_denoised
         )
 
     def stratum_bounds(self, num_terms: int) -> torch.Tensor:
         """Edges ``[K+1]`` of the K strata of :meth:`nll_bpd_stratified` (host LongTensor)."""
-        from ddpm.diffusion.bound import stratum_bounds
-
         return stratum_bounds(self.num_timesteps, num_terms)
 
     def nll_bpd_stratified(
@@ -381,8 +384,6 @@ class GaussianDiffusion(nn.Module):
             ``total [B]``, ``stderr [B]`` (bits/dim), ``t [B, K]``, ``terms [B, K]``,
             ``weights [K]`` and ``prior [B]``.
         """
-        from ddpm.diffusion.bound import stratified_bound
-
         return stratified_bound(
             self, net, x0, num_terms, generator=generator, clip_denoised=clip_denoised
         )
@@ -407,19 +408,14 @@ class GaussianDiffusion(nn.Module):
             )
         key = (steps, self.betas.device, self.betas.dtype, spacing)
         if key not in self._respaced:
-            from ddpm.diffusion.spacing import timestep_spacing
-
-            kept = timestep_spacing(self, steps, spacing)
-            alphas_cumprod = torch.cumprod(1.0 - self.betas_float64, 0)[kept]
-            previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-            betas = 1.0 - alphas_cumprod / previous
+            kept = timestep_spacing(self.schedule, steps, spacing)
+            schedule = self.schedule.respaced(kept)
             kept = kept.to(self.betas.device)
             child = GaussianDiffusion(
-                betas,
+                schedule,
                 self.parameterization.respaced(self, kept),
                 self.variance.respaced(self, kept),
                 self.loss,
-                dtype=self.betas.dtype,
             ).to(self.betas.device)
             child.register_buffer("timestep_map", kept, persistent=False)
             self._respaced[key] = child
@@ -482,8 +478,6 @@ class GaussianDiffusion(nn.Module):
             ValueError: unknown sampler or spacing (naming the choices), ``eta`` with a sampler
                 other than ``ddim``, ``t_start`` with an ODE solver, bad ``steps``/``x_T``.
         """
-        from ddpm.diffusion.sampling import sample_loop
-
         return sample_loop(
             self,
             net,

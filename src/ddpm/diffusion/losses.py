@@ -2,24 +2,24 @@
 
 A loss is a small class with one call signature,
 ``loss(d, output, x0, x_t, t, noise) -> dict[str, Tensor [B]]``, returning per-example terms with
-``"loss"`` always present (plus ``"mse"`` and/or ``"vlb"``, the latter in **bits/dim**). The
-parameterisation and variance are reached through ``d`` and never re-implemented here, so the
-configured objective is always the one that trains.
+``"loss"`` always present (plus ``"mse"`` and/or ``"vlb"``, the latter in **bits/dim**). A loss
+combines the parameterisation, the variance and the bound, so ``d`` is the composed diffusion (any
+:class:`~ddpm.diffusion.protocols.Diffusion`, e.g. the façade); the parameterisation reads the
+schedule ``d.schedule``, and nothing is re-implemented here, so the configured objective is
+always the one that trains.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ddpm.diffusion.likelihood import mean_flat
 from ddpm.diffusion.parameterization import Parameterization
+from ddpm.diffusion.protocols import Diffusion
 from ddpm.diffusion.registry import register as _register
 from ddpm.diffusion.variance import Variance
-
-if TYPE_CHECKING:
-    from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion
 
 __all__ = ["LOSSES", "HybridLoss", "Loss", "SimpleLoss", "VLBLoss", "make_loss"]
 
@@ -43,7 +43,7 @@ class Loss:
 
     def __call__(
         self,
-        d: GaussianDiffusion,
+        d: Diffusion,
         output: torch.Tensor,
         x0: torch.Tensor,
         x_t: torch.Tensor,
@@ -56,9 +56,17 @@ class Loss:
         return f"{type(self).__name__}()"
 
 
-def _simple_mse(d, output, x0, x_t, t, noise) -> torch.Tensor:
+def _simple_mse(
+    d: Diffusion,
+    output: torch.Tensor,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """Mean over dims of (target − output)² ``[B]``, the parameterisation's plain MSE."""
     mean_output, _ = d.split_output(output)
-    target = d.parameterization.target(d, x0, x_t, t, noise)
+    target = d.parameterization.target(d.schedule, x0, x_t, t, noise)
     return mean_flat((target - mean_output).square())
 
 
@@ -85,7 +93,7 @@ class SimpleLoss(Loss):
             mse = _simple_mse(d, output, x0, x_t, t, noise)
             return {"loss": mse, "mse": mse}
         mean_output, _ = d.split_output(output)
-        eps_hat = d.parameterization.pred_eps(d, mean_output, x_t, t)
+        eps_hat = d.parameterization.pred_eps(d.schedule, mean_output, x_t, t)
         mse = mean_flat((noise - eps_hat).square())
         return {"loss": d.weights[t].to(mse.dtype) * mse, "mse": mse}
 

@@ -43,14 +43,13 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ddpm.diffusion.protocols import Diffusion, Net
+from ddpm.diffusion.schedule import Schedule
 from ddpm.errors import ConfigError
-
-if TYPE_CHECKING:
-    from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion, Net
 
 __all__ = [
     "DIVERGENCES",
@@ -175,10 +174,10 @@ class LogSNRTime:
         self.lambda_min = float(log_snr[-1])
 
     @classmethod
-    def from_diffusion(cls, diffusion: GaussianDiffusion) -> LogSNRTime:
-        """The continuous view of ``diffusion``'s float64 βs, on its buffers' device."""
-        abar = torch.cumprod(1.0 - diffusion.betas_float64, 0)
-        return cls(abar, diffusion.betas.device)
+    def from_diffusion(cls, diffusion: Diffusion) -> LogSNRTime:
+        """The continuous view of ``diffusion``'s schedule (its float64 βs), on its device."""
+        abar = torch.cumprod(1.0 - diffusion.schedule.betas_float64, 0)
+        return cls(abar, diffusion.schedule.device)
 
     def timestep(self, lam: torch.Tensor) -> torch.Tensor:
         """Fractional timestep index τ ``[B]`` of log SNRs ``lam`` ``[B]`` (clamped to the table)."""
@@ -197,9 +196,9 @@ class LogSNRTime:
         i = tau.floor().long().clamp(0, self.num_levels - 2)
         return torch.lerp(table[i], table[i + 1], tau - i.to(table.dtype))
 
-    def tables(self, diffusion: GaussianDiffusion, lam: torch.Tensor) -> ContinuousTables:
-        """``diffusion``'s tables at log SNRs ``lam`` ``[B]``, for its parameterisation."""
-        return ContinuousTables(diffusion, lam, self.timestep(lam))
+    def tables(self, schedule: Schedule, lam: torch.Tensor) -> ContinuousTables:
+        """``schedule``'s tables at log SNRs ``lam`` ``[B]``, for a parameterisation."""
+        return ContinuousTables(schedule, lam, self.timestep(lam))
 
 
 # The tables that are functions of ᾱ alone, from λ: ᾱ = sigmoid(λ), 1 − ᾱ = sigmoid(−λ).
@@ -214,19 +213,17 @@ _FROM_LOG_SNR: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 class ContinuousTables:
-    """A diffusion's tables at continuous log SNRs, shaped as a parameterisation reads them.
+    """A schedule's tables at continuous log SNRs, shaped as a parameterisation reads them.
 
-    Parameterisations read the schedule through ``d.extract(table, t, like)``,
-    ``d.pred_eps_from_x0`` and ``d.q_posterior_mean``; this object answers them for a batch at
-    log SNRs ``lam`` ``[B]`` and fractional indices ``timestep`` ``[B]`` (the ``t`` they are
-    called with). Functions of ᾱ are exact in λ; any other table is linearly interpolated in the
-    fractional index.
+    Parameterisations read the schedule through ``schedule.extract(table, t, like)``,
+    ``schedule.pred_eps_from_x0`` and ``schedule.q_posterior_mean``; this object answers them in
+    the schedule's place for a batch at log SNRs ``lam`` ``[B]`` and fractional indices
+    ``timestep`` ``[B]`` (the ``t`` they are called with). Functions of ᾱ are exact in λ; any
+    other table is linearly interpolated in the fractional index.
     """
 
-    def __init__(
-        self, diffusion: GaussianDiffusion, lam: torch.Tensor, timestep: torch.Tensor
-    ) -> None:
-        self.diffusion = diffusion
+    def __init__(self, schedule: Schedule, lam: torch.Tensor, timestep: torch.Tensor) -> None:
+        self.schedule = schedule
         self.lam = lam
         self.timestep = timestep
 
@@ -236,7 +233,7 @@ class ContinuousTables:
         if table in _FROM_LOG_SNR:
             values = _FROM_LOG_SNR[table](self.lam)
         else:
-            values = getattr(self.diffusion, table)
+            values = getattr(self.schedule, table)
             tau = self.timestep.to(
                 torch.float64 if values.dtype == torch.float64 else torch.float32
             )
@@ -267,9 +264,7 @@ class ContinuousTables:
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def eps_prediction(
-    diffusion: GaussianDiffusion, net: Net, snr_time: LogSNRTime | None = None
-) -> EpsFn:
+def eps_prediction(diffusion: Diffusion, net: Net, snr_time: LogSNRTime | None = None) -> EpsFn:
     """ε̂(x, λ) of ``net`` under ``diffusion``'s parameterisation, at continuous log SNR.
 
     The network receives the parameterisation's input (x itself, EDM's c_in x) and the
@@ -289,7 +284,7 @@ def eps_prediction(
     parameterization = diffusion.parameterization
 
     def eps_fn(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        tables = snr_time.tables(diffusion, lam)
+        tables = snr_time.tables(diffusion.schedule, lam)
         t = tables.timestep.to(x.dtype)
         output = net(parameterization.net_input(tables, x, t), t)  # type: ignore[arg-type]
         output, _ = diffusion.split_output(output.to(x.dtype))
@@ -478,7 +473,7 @@ def dequantize(x0: torch.Tensor, generator: torch.Generator | None = None) -> to
 
 
 def ode_nll_bpd(
-    diffusion: GaussianDiffusion,
+    diffusion: Diffusion,
     net: Net,
     x0: torch.Tensor,
     settings: ODELikelihoodSettings | None = None,

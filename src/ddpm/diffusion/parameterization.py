@@ -5,22 +5,22 @@ reverse-process mean μ_θ, names the regression target of L_simple, and may pre
 network's input (:meth:`Parameterization.net_input`, used by
 :meth:`~ddpm.diffusion.GaussianDiffusion.model_output`). Adding one is one subclass with a
 ``name`` (it registers itself in :data:`PARAMETERIZATIONS`) plus a YAML in
-``conf/parameterization/``. The diffusion ``d`` is passed in as the holder of the schedule tables
-(``d.extract``); classes hold only their constants.
+``conf/parameterization/``. Every method receives the :class:`~ddpm.diffusion.schedule.Schedule`
+and reads its tables through ``schedule.extract``, ``schedule.q_posterior_mean`` and
+``schedule.pred_eps_from_x0`` (any :class:`~ddpm.diffusion.schedule.ScheduleTables` works, e.g.
+the façade, which delegates them); classes hold only their constants.
 
 Shapes: ``output``, ``x_t``, ``x0`` and ``noise`` are ``[B, C, ...]``; ``t`` is a LongTensor ``[B]``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ddpm.diffusion.registry import register as _register
-
-if TYPE_CHECKING:
-    from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion
+from ddpm.diffusion.schedule import ScheduleTables
 
 __all__ = [
     "PARAMETERIZATIONS",
@@ -53,24 +53,26 @@ class Parameterization:
         if register:
             _register(PARAMETERIZATIONS, "parameterization", cls)
 
-    def respaced(self, parent: GaussianDiffusion, timestep_map: torch.Tensor) -> Parameterization:
+    def respaced(self, parent: ScheduleTables, timestep_map: torch.Tensor) -> Parameterization:
         """This parameterisation as seen from a respaced child of ``parent``
         (:meth:`~ddpm.diffusion.GaussianDiffusion.respaced`)."""
         return RespacedParameterization(self, parent, timestep_map)
 
-    def net_input(self, d: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def net_input(
+        self, schedule: ScheduleTables, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         """What the network sees in place of x_t (EDM's c_in x); x_t itself by default."""
         return x_t
 
     def pred_x0(
-        self, d: GaussianDiffusion, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+        self, schedule: ScheduleTables, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
         """x̂₀ implied by the network output."""
         raise NotImplementedError
 
     def target(
         self,
-        d: GaussianDiffusion,
+        schedule: ScheduleTables,
         x0: torch.Tensor,
         x_t: torch.Tensor,
         t: torch.Tensor,
@@ -80,10 +82,10 @@ class Parameterization:
         raise NotImplementedError
 
     def pred_eps(
-        self, d: GaussianDiffusion, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+        self, schedule: ScheduleTables, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
         """ε̂ implied by the network output: (x_t − √ᾱₜ x̂₀)/√(1−ᾱₜ)."""
-        return d.pred_eps_from_x0(x_t, t, self.pred_x0(d, output, x_t, t))
+        return schedule.pred_eps_from_x0(x_t, t, self.pred_x0(schedule, output, x_t, t))
 
     def eps_weight(self, betas: torch.Tensor) -> torch.Tensor:
         """w(t) ``[T]`` float64 with ‖target − output‖² = w(t)·‖ε − ε̂‖²: the ε-MSE weight that
@@ -92,14 +94,14 @@ class Parameterization:
 
     def mean(
         self,
-        d: GaussianDiffusion,
+        schedule: ScheduleTables,
         output: torch.Tensor,
         x_t: torch.Tensor,
         t: torch.Tensor,
         pred_x0: torch.Tensor,
     ) -> torch.Tensor:
         """μ_θ(x_t, t); by default the posterior mean μ̃ₜ(x_t, x̂₀)."""
-        return d.q_posterior_mean(pred_x0, x_t, t)
+        return schedule.q_posterior_mean(pred_x0, x_t, t)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -111,16 +113,16 @@ class EpsParameterization(Parameterization):
     name = "eps"
     finite_at_zero_snr = False  # x̂₀ divides by √ᾱ
 
-    def pred_x0(self, d, output, x_t, t):
+    def pred_x0(self, schedule, output, x_t, t):
         return (
-            d.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
-            - d.extract("sqrt_recipm1_alphas_cumprod", t, x_t) * output
+            schedule.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - schedule.extract("sqrt_recipm1_alphas_cumprod", t, x_t) * output
         )
 
-    def target(self, d, x0, x_t, t, noise):
+    def target(self, schedule, x0, x_t, t, noise):
         return noise
 
-    def pred_eps(self, d, output, x_t, t):
+    def pred_eps(self, schedule, output, x_t, t):
         return output
 
     def eps_weight(self, betas):
@@ -132,10 +134,10 @@ class X0Parameterization(Parameterization):
 
     name = "x0"
 
-    def pred_x0(self, d, output, x_t, t):
+    def pred_x0(self, schedule, output, x_t, t):
         return output
 
-    def target(self, d, x0, x_t, t, noise):
+    def target(self, schedule, x0, x_t, t, noise):
         return x0
 
     def eps_weight(self, betas):
@@ -149,15 +151,15 @@ class MuParameterization(Parameterization):
     name = "mu"
     mean_from_pred_x0 = False
 
-    def pred_x0(self, d, output, x_t, t):
-        coef1 = d.extract("posterior_mean_coef1", t, x_t)
-        coef2 = d.extract("posterior_mean_coef2", t, x_t)
+    def pred_x0(self, schedule, output, x_t, t):
+        coef1 = schedule.extract("posterior_mean_coef1", t, x_t)
+        coef2 = schedule.extract("posterior_mean_coef2", t, x_t)
         return (output - coef2 * x_t) / coef1
 
-    def target(self, d, x0, x_t, t, noise):
-        return d.q_posterior_mean(x0, x_t, t)
+    def target(self, schedule, x0, x_t, t, noise):
+        return schedule.q_posterior_mean(x0, x_t, t)
 
-    def mean(self, d, output, x_t, t, pred_x0):
+    def mean(self, schedule, output, x_t, t, pred_x0):
         return output
 
     def eps_weight(self, betas):
@@ -170,16 +172,16 @@ class VParameterization(Parameterization):
 
     name = "v"
 
-    def pred_x0(self, d, output, x_t, t):
+    def pred_x0(self, schedule, output, x_t, t):
         return (
-            d.extract("sqrt_alphas_cumprod", t, x_t) * x_t
-            - d.extract("sqrt_one_minus_alphas_cumprod", t, x_t) * output
+            schedule.extract("sqrt_alphas_cumprod", t, x_t) * x_t
+            - schedule.extract("sqrt_one_minus_alphas_cumprod", t, x_t) * output
         )
 
-    def target(self, d, x0, x_t, t, noise):
+    def target(self, schedule, x0, x_t, t, noise):
         return (
-            d.extract("sqrt_alphas_cumprod", t, x_t) * noise
-            - d.extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x0
+            schedule.extract("sqrt_alphas_cumprod", t, x_t) * noise
+            - schedule.extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x0
         )
 
     def eps_weight(self, betas):
@@ -212,27 +214,27 @@ class EDMParameterization(Parameterization):
             raise ValueError(f"sigma_data={sigma_data}: must be > 0 (EDM uses 0.5)")
         self.sigma_data = float(sigma_data)
 
-    def _norm(self, d, t, like):
+    def _norm(self, schedule, t, like):
         """Dₜ = 1 − ᾱₜ + σ_d² ᾱₜ ``[B, 1, …]``."""
-        abar = d.extract("alphas_cumprod", t, like)
+        abar = schedule.extract("alphas_cumprod", t, like)
         return 1.0 - abar + self.sigma_data**2 * abar
 
-    def _skip_out(self, d, t, like):
+    def _skip_out(self, schedule, t, like):
         """(c_skip/√ᾱ, c_out) in x_t: σ_d² √ᾱ/Dₜ and σ_d √((1−ᾱ)/Dₜ), both ``[B, 1, …]``."""
-        abar = d.extract("alphas_cumprod", t, like)
-        norm = self._norm(d, t, like)
+        abar = schedule.extract("alphas_cumprod", t, like)
+        norm = self._norm(schedule, t, like)
         skip = self.sigma_data**2 * abar.sqrt() / norm
         return skip, self.sigma_data * torch.sqrt((1.0 - abar) / norm)
 
-    def net_input(self, d, x_t, t):
-        return x_t * self._norm(d, t, x_t).rsqrt()
+    def net_input(self, schedule, x_t, t):
+        return x_t * self._norm(schedule, t, x_t).rsqrt()
 
-    def pred_x0(self, d, output, x_t, t):
-        skip, out = self._skip_out(d, t, x_t)
+    def pred_x0(self, schedule, output, x_t, t):
+        skip, out = self._skip_out(schedule, t, x_t)
         return skip * x_t + out * output
 
-    def target(self, d, x0, x_t, t, noise):
-        skip, out = self._skip_out(d, t, x_t)
+    def target(self, schedule, x0, x_t, t, noise):
+        skip, out = self._skip_out(schedule, t, x_t)
         return (x0 - skip * x_t) / out
 
     def eps_weight(self, betas):
@@ -256,26 +258,26 @@ class RespacedParameterization(Parameterization, register=False):
     """
 
     def __init__(
-        self, base: Parameterization, parent: GaussianDiffusion, timestep_map: torch.Tensor
+        self, base: Parameterization, parent: ScheduleTables, timestep_map: torch.Tensor
     ) -> None:
         self.base = base
         self.parent = parent
         self.timestep_map = timestep_map
         self.name = base.name
 
-    def net_input(self, d, x_t, t):
+    def net_input(self, schedule, x_t, t):
         return self.base.net_input(self.parent, x_t, self.timestep_map[t])
 
-    def pred_x0(self, d, output, x_t, t):
+    def pred_x0(self, schedule, output, x_t, t):
         return self.base.pred_x0(self.parent, output, x_t, self.timestep_map[t])
 
-    def target(self, d, x0, x_t, t, noise):
+    def target(self, schedule, x0, x_t, t, noise):
         return self.base.target(self.parent, x0, x_t, self.timestep_map[t], noise)
 
-    def mean(self, d, output, x_t, t, pred_x0):
+    def mean(self, schedule, output, x_t, t, pred_x0):
         if not self.base.mean_from_pred_x0:  # μ̃ prediction: the unclipped x̂₀ sets the mean
-            pred_x0 = self.pred_x0(d, output, x_t, t)
-        return d.q_posterior_mean(pred_x0, x_t, t)
+            pred_x0 = self.pred_x0(schedule, output, x_t, t)
+        return schedule.q_posterior_mean(pred_x0, x_t, t)
 
     def __repr__(self) -> str:
         return f"Respaced({self.base!r})"

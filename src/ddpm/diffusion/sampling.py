@@ -13,12 +13,14 @@ configs, the evaluation code and the metric names (``spec.tag(T)``: ``ddim50``, 
 ``pred_x0`` (x̂₀ at that step, clipped when ``clip_denoised``). Adding a sampler is one function
 plus an entry in :data:`SAMPLERS`.
 
-Every sampler reads x̂₀ through :meth:`GaussianDiffusion.p_mean_variance` (so it works for every
-parameterisation and clips like the others) and ε̂ through ``pred_eps_from_x0``. Randomness comes
-only from the ``torch.Generator`` passed in. The ancestral/DDIM loop indexes device-resident tables
-with device-resident timesteps, so a step makes no host↔device copy; the ODE solvers' coefficients
-are host float64 scalars computed once per call. Which timesteps a chain visits is
-:mod:`ddpm.diffusion.spacing`.
+``d`` is the composed diffusion (any :class:`~ddpm.diffusion.protocols.Diffusion`, e.g. the
+:class:`~ddpm.diffusion.GaussianDiffusion` façade); α, σ and the timestep grid come from its
+schedule ``d.schedule``. Every sampler reads x̂₀ through ``d.p_mean_variance`` (so it works for
+every parameterisation and clips like the others) and ε̂ through the schedule's
+``pred_eps_from_x0``. Randomness comes only from the ``torch.Generator`` passed in. The
+ancestral/DDIM loop indexes device-resident tables with device-resident timesteps, so a step
+makes no host↔device copy; the ODE solvers' coefficients are host float64 scalars computed once
+per call. Which timesteps a chain visits is :mod:`ddpm.diffusion.spacing`.
 """
 
 from __future__ import annotations
@@ -26,14 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ddpm.diffusion.protocols import Diffusion, Net
+from ddpm.diffusion.schedule import Schedule
 from ddpm.diffusion.spacing import DEFAULT_SPACING, SPACINGS, timestep_spacing
-
-if TYPE_CHECKING:
-    from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion, Net
 
 __all__ = [
     "SAMPLERS",
@@ -52,7 +53,7 @@ Callback = Callable[[dict[str, Any]], None]
 
 # ---------------------------------------------------------------------------- samplers
 def ancestral(
-    d: GaussianDiffusion,
+    d: Diffusion,
     net: Net,
     x_T: torch.Tensor,
     steps: int | None = None,
@@ -76,7 +77,7 @@ def ancestral(
 
 
 def ddim(
-    d: GaussianDiffusion,
+    d: Diffusion,
     net: Net,
     x_T: torch.Tensor,
     steps: int | None = None,
@@ -112,7 +113,7 @@ def ddim(
 
 
 def dpmpp_2m(
-    d: GaussianDiffusion,
+    d: Diffusion,
     net: Net,
     x_T: torch.Tensor,
     steps: int | None = None,
@@ -164,7 +165,7 @@ def dpmpp_2m(
 
 
 def heun(
-    d: GaussianDiffusion,
+    d: Diffusion,
     net: Net,
     x_T: torch.Tensor,
     steps: int | None = None,
@@ -335,7 +336,7 @@ class SamplerSpec:
 
 # ---------------------------------------------------------------------------- façade entry
 def sample_loop(
-    d: GaussianDiffusion,
+    d: Diffusion,
     net: Net,
     shape: Sequence[int],
     generator: torch.Generator | None = None,
@@ -360,7 +361,7 @@ def sample_loop(
         if spec.name not in ("ancestral", "ddim"):
             raise ValueError(f"t_start is supported by 'ancestral' and 'ddim', not {spec.name!r}")
         sampler_opts["t_start"] = t_start
-    device, dtype = d.betas.device, d.betas.dtype
+    device, dtype = d.schedule.device, d.schedule.dtype
     shape = tuple(int(s) for s in shape)
     if t_start is not None and x_T is None:
         raise ValueError("t_start needs x_T, the x_t to start from")
@@ -399,7 +400,7 @@ def sample_loop(
 
 # ---------------------------------------------------------------------------- internals
 def _respaced_chain(
-    d: GaussianDiffusion,
+    d: Diffusion,
     net: Net,
     x: torch.Tensor,
     steps: int | None,
@@ -414,10 +415,10 @@ def _respaced_chain(
     """The ancestral (``eta=None``) / DDIM loop over a respaced child of ``d``."""
     spacing = spacing or "linspace"
     if steps is None or int(steps) == d.num_timesteps:
-        sched, model_timesteps = d, torch.arange(d.num_timesteps, device=d.betas.device)
+        sched, model_timesteps = d, torch.arange(d.num_timesteps, device=d.schedule.device)
     else:
         sched, model_timesteps = d.respaced(int(steps), spacing=spacing)
-    device, dtype = d.betas.device, d.betas.dtype
+    device, dtype = d.schedule.device, d.schedule.dtype
     x = x.to(device=device, dtype=dtype)
     shape, batch = tuple(x.shape), x.shape[0]
 
@@ -447,12 +448,12 @@ def _respaced_chain(
                 noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
                 x = x + torch.exp(0.5 * out["log_variance"]) * noise
         else:
-            x = _ddim_step(sched, x, t, out["pred_x0"], eta, i, generator)
+            x = _ddim_step(sched.schedule, x, t, out["pred_x0"], eta, i, generator)
     return x
 
 
 def _ddim_step(
-    sched: GaussianDiffusion,
+    schedule: Schedule,
     x: torch.Tensor,
     t: torch.Tensor,
     pred_x0: torch.Tensor,
@@ -461,9 +462,9 @@ def _ddim_step(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """x_{t−1} = √ᾱ_{t−1} x̂₀ + √(1−ᾱ_{t−1}−σ²) ε̂ + σ z, σ = η √((1−ᾱ_{t−1})/(1−ᾱₜ)) √(1−ᾱₜ/ᾱ_{t−1})."""
-    eps = sched.pred_eps_from_x0(x, t, pred_x0)
-    alpha_bar = sched.extract("alphas_cumprod", t, x)
-    alpha_bar_prev = sched.extract("alphas_cumprod_prev", t, x)
+    eps = schedule.pred_eps_from_x0(x, t, pred_x0)
+    alpha_bar = schedule.extract("alphas_cumprod", t, x)
+    alpha_bar_prev = schedule.extract("alphas_cumprod_prev", t, x)
     sigma = (
         eta
         * torch.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
@@ -479,19 +480,15 @@ def _ddim_step(
     return x_prev
 
 
-def _ode_grid(
-    d: GaussianDiffusion, steps: int | None, spacing: str
-) -> tuple[list[int], torch.Tensor]:
+def _ode_grid(d: Diffusion, steps: int | None, spacing: str) -> tuple[list[int], torch.Tensor]:
     """Visited original timesteps, descending (host ints), and their ᾱ ``[S]`` (host float64)."""
     steps = d.num_timesteps if steps is None else int(steps)
-    kept = timestep_spacing(d, steps, spacing).flip(0)
-    abar = torch.cumprod(1.0 - d.betas_float64, 0)[kept]
+    kept = timestep_spacing(d.schedule, steps, spacing).flip(0)
+    abar = torch.cumprod(1.0 - d.schedule.betas_float64, 0)[kept]
     return kept.tolist(), abar
 
 
-def _pred_x0(
-    d: GaussianDiffusion, net: Net, x: torch.Tensor, t: int, clip_denoised: bool
-) -> torch.Tensor:
+def _pred_x0(d: Diffusion, net: Net, x: torch.Tensor, t: int, clip_denoised: bool) -> torch.Tensor:
     """x̂₀ ``[B, ...]`` of the network at original timestep ``t`` via ``p_mean_variance``."""
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
     output = d.model_output(net, x, tt)

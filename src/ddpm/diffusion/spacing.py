@@ -1,16 +1,14 @@
 """Which timesteps a respaced or ODE sampler visits: the spacings ``linspace``, ``uniform``,
-``trailing``, ``logsnr`` and ``karras`` on the discrete schedule of a :class:`GaussianDiffusion`.
+``trailing``, ``logsnr`` and ``karras`` on a discrete :class:`~ddpm.diffusion.schedule.Schedule`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion
+from ddpm.diffusion.schedule import Schedule
 
 __all__ = ["DEFAULT_SPACING", "SPACINGS", "timestep_spacing"]
 
@@ -34,10 +32,13 @@ _KARRAS_RHO = 7.0
 _KARRAS_SIGMA_MAX = 80.0
 
 
-def timestep_spacing(d: GaussianDiffusion, steps: int, spacing: str = "linspace") -> torch.Tensor:
+def timestep_spacing(schedule: Schedule, steps: int, spacing: str = "linspace") -> torch.Tensor:
     """The ``steps`` original timestep indices a respaced/ODE sampler visits, ascending, on the host.
 
-    Spacings (T = ``d.num_timesteps``, S = ``steps``):
+    ``schedule`` is the :class:`~ddpm.diffusion.schedule.Schedule` (anything with its
+    ``num_timesteps`` and ``betas_float64`` works, e.g. the façade).
+
+    Spacings (T = ``schedule.num_timesteps``, S = ``steps``):
 
     * ``linspace``: round(linspace(0, T−1, S)) (Improved DDPM's strided respacing; today's default).
     * ``uniform``: DDIM's 0, T/S, 2T/S, … (rounded), never reaching T−1.
@@ -58,7 +59,7 @@ def timestep_spacing(d: GaussianDiffusion, steps: int, spacing: str = "linspace"
     Returns:
         LongTensor ``[S]``, strictly increasing, in ``[0, T−1]``.
     """
-    T, steps = d.num_timesteps, int(steps)
+    T, steps = schedule.num_timesteps, int(steps)
     if not 2 <= steps <= T:
         raise ValueError(f"steps={steps}: choose between 2 and num_timesteps={T}")
     if spacing not in SPACINGS:
@@ -71,7 +72,7 @@ def timestep_spacing(d: GaussianDiffusion, steps: int, spacing: str = "linspace"
     elif spacing == "trailing":
         kept = ((T - torch.arange(steps, dtype=f64) * (T / steps)).round().long() - 1).flip(0)
     else:
-        lam = _log_snr_half(d)  # decreasing in t
+        lam = _log_snr_half(schedule)  # decreasing in t
         zero_snr = bool(torch.isinf(lam[-1]))
         if zero_snr:  # ᾱ_T = 0: λ_T = −∞; place the targets on the finite range, then keep T−1
             lam = torch.cat([lam[:-1], lam[-2:-1]])
@@ -91,9 +92,9 @@ def timestep_spacing(d: GaussianDiffusion, steps: int, spacing: str = "linspace"
     return _strictly_increasing(kept.tolist(), T)
 
 
-def _log_snr_half(d: GaussianDiffusion) -> torch.Tensor:
+def _log_snr_half(schedule: Schedule) -> torch.Tensor:
     """λₜ = log(αₜ/σₜ) = ½ log(ᾱₜ/(1−ᾱₜ)) ``[T]`` float64 on the host."""
-    abar = torch.cumprod(1.0 - d.betas_float64, 0)
+    abar = torch.cumprod(1.0 - schedule.betas_float64, 0)
     return 0.5 * (abar.log() - torch.log1p(-abar))
 
 

@@ -5,7 +5,8 @@ or EDM's log-normal density over σₜ.
 per-example loss by ``weights``. An importance sampler (``importance_weighted = True``) returns
 1/(T p(t)), so the objective stays the uniform one and only its variance changes; a sampler whose
 density is part of the objective (EDM's) returns ones. Everything stays on the device: no host
-synchronisation per step.
+synchronisation per step. A sampler that depends on the noise levels (EDM's) is built from the
+:class:`~ddpm.diffusion.schedule.Schedule` (or its ᾱ table).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ddpm.diffusion.schedule import Schedule
 
 __all__ = [
     "TIMESTEP_SAMPLERS",
@@ -130,15 +133,17 @@ class EDMLogNormalSampler(TimestepSampler):
     At zero terminal SNR (σ_T = ∞) the last step's bin is empty and the one before reaches to +∞.
 
     Args:
-        alphas_cumprod: ᾱ ``[T]`` of the schedule.
+        alphas_cumprod: the :class:`~ddpm.diffusion.schedule.Schedule`, or its ᾱ ``[T]``.
         p_mean, p_std: EDM's P_mean = −1.2 and P_std = 1.2.
     """
 
     importance_weighted = False
 
     def __init__(
-        self, alphas_cumprod: torch.Tensor, p_mean: float = -1.2, p_std: float = 1.2
+        self, alphas_cumprod: Schedule | torch.Tensor, p_mean: float = -1.2, p_std: float = 1.2
     ) -> None:
+        if isinstance(alphas_cumprod, Schedule):
+            alphas_cumprod = alphas_cumprod.tables_float64["alphas_cumprod"]
         abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
         super().__init__(abar.numel())
         if not p_std > 0:
@@ -166,15 +171,20 @@ TIMESTEP_SAMPLERS: tuple[str, ...] = ("uniform", "loss_second_moment", "edm_logn
 
 def make_timestep_sampler(
     name: str,
-    num_timesteps: int,
+    num_timesteps: int | Schedule,
     alphas_cumprod: torch.Tensor | None = None,
     **kwargs: float,
 ) -> TimestepSampler:
     """``uniform``, ``loss_second_moment`` (alias ``importance``) or ``edm_lognormal``.
 
-    ``alphas_cumprod`` (ᾱ ``[T]``) is needed by ``edm_lognormal``; ``kwargs`` go to the sampler
-    (``history_per_term``, ``uniform_prob``; ``p_mean``, ``p_std``).
+    ``num_timesteps`` is the :class:`~ddpm.diffusion.schedule.Schedule` (T and ᾱ from it) or
+    just T; then ``alphas_cumprod`` (ᾱ ``[T]``) is needed by ``edm_lognormal``. ``kwargs`` go to
+    the sampler (``history_per_term``, ``uniform_prob``; ``p_mean``, ``p_std``).
     """
+    if isinstance(num_timesteps, Schedule):
+        if alphas_cumprod is None:
+            alphas_cumprod = num_timesteps.tables_float64["alphas_cumprod"]
+        num_timesteps = num_timesteps.num_timesteps
     try:
         if name == "uniform" and not kwargs:
             return UniformSampler(num_timesteps)

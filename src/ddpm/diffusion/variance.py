@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ddpm.diffusion.registry import register as _register
-
-if TYPE_CHECKING:
-    from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion
+from ddpm.diffusion.schedule import Schedule, ScheduleTables
 
 __all__ = [
     "VARIANCES",
@@ -42,7 +40,12 @@ VARIANCES: dict[str, type[Variance]] = {}
 
 
 class Variance:
-    """Base class: ``__call__(d, var_output, x_t, t) -> (variance, log_variance)``."""
+    """Base class: ``__call__(schedule, var_output, x_t, t) -> (variance, log_variance)``.
+
+    Every method receives the :class:`~ddpm.diffusion.schedule.Schedule` (to :meth:`__call__`
+    any :class:`~ddpm.diffusion.schedule.ScheduleTables` will do, e.g. the façade); ``var_output`` is the network's last C channels
+    ``[B, C, ...]`` for a learned variance, else None; the results broadcast against ``x_t``.
+    """
 
     name: str = ""
     #: True when the network predicts the variance (and so outputs 2C channels).
@@ -53,7 +56,7 @@ class Variance:
         if register:
             _register(VARIANCES, "variance", cls)
 
-    def respaced(self, parent: GaussianDiffusion, timestep_map: torch.Tensor) -> Variance:
+    def respaced(self, parent: ScheduleTables, timestep_map: torch.Tensor) -> Variance:
         """This variance as seen from a respaced child of ``parent``: itself, unless the network's
         output depends on the step length."""
         return self
@@ -63,12 +66,13 @@ class Variance:
         (:func:`~ddpm.diffusion.schedule.schedule_tables`), or None for a learned variance."""
         return None
 
-    def check(self, d: GaussianDiffusion) -> None:
-        """Raise ``ValueError`` when this variance cannot serve ``d`` (nothing to check here)."""
+    def check(self, schedule: Schedule) -> None:
+        """Raise ``ValueError`` when this variance cannot serve ``schedule`` (nothing to check
+        here)."""
 
     def __call__(
         self,
-        d: GaussianDiffusion,
+        schedule: ScheduleTables,
         var_output: torch.Tensor | None,
         x_t: torch.Tensor,
         t: torch.Tensor,
@@ -87,10 +91,10 @@ class FixedLargeVariance(Variance):
     def fixed_log_variance(self, tables):
         return tables["fixed_large_log_variance"]
 
-    def __call__(self, d, var_output, x_t, t):
+    def __call__(self, schedule, var_output, x_t, t):
         return (
-            d.extract("fixed_large_variance", t, x_t),
-            d.extract("fixed_large_log_variance", t, x_t),
+            schedule.extract("fixed_large_variance", t, x_t),
+            schedule.extract("fixed_large_log_variance", t, x_t),
         )
 
 
@@ -102,10 +106,10 @@ class FixedSmallVariance(Variance):
     def fixed_log_variance(self, tables):
         return tables["posterior_log_variance_clipped"]
 
-    def __call__(self, d, var_output, x_t, t):
+    def __call__(self, schedule, var_output, x_t, t):
         return (
-            d.extract("posterior_variance", t, x_t),
-            d.extract("posterior_log_variance_clipped", t, x_t),
+            schedule.extract("posterior_variance", t, x_t),
+            schedule.extract("posterior_log_variance_clipped", t, x_t),
         )
 
 
@@ -115,7 +119,7 @@ class LearnedVariance(Variance):
     name = "learned"
     learned = True
 
-    def __call__(self, d, var_output, x_t, t):
+    def __call__(self, schedule, var_output, x_t, t):
         return torch.exp(var_output), var_output
 
     def respaced(self, parent, timestep_map):
@@ -128,9 +132,9 @@ class LearnedRangeVariance(Variance):
     name = "learned_range"
     learned = True
 
-    def __call__(self, d, var_output, x_t, t):
-        min_log = d.extract("posterior_log_variance_clipped", t, x_t)
-        max_log = d.extract("log_betas", t, x_t)
+    def __call__(self, schedule, var_output, x_t, t):
+        min_log = schedule.extract("posterior_log_variance_clipped", t, x_t)
+        max_log = schedule.extract("log_betas", t, x_t)
         frac = (var_output + 1.0) / 2.0
         log_variance = frac * max_log + (1.0 - frac) * min_log
         return torch.exp(log_variance), log_variance
@@ -149,17 +153,17 @@ class RespacedLearnedVariance(Variance, register=False):
     name = "learned"
     learned = True
 
-    def __init__(self, parent: GaussianDiffusion, timestep_map: torch.Tensor) -> None:
+    def __init__(self, parent: ScheduleTables, timestep_map: torch.Tensor) -> None:
         self.parent = parent
         self.timestep_map = timestep_map
 
-    def __call__(self, d, var_output, x_t, t):
+    def __call__(self, schedule, var_output, x_t, t):
         original = self.timestep_map[t]
         parent_min = self.parent.extract("posterior_log_variance_clipped", original, x_t)
         parent_max = self.parent.extract("log_betas", original, x_t)
         frac = (var_output - parent_min) / (parent_max - parent_min)
-        min_log = d.extract("posterior_log_variance_clipped", t, x_t)
-        max_log = d.extract("log_betas", t, x_t)
+        min_log = schedule.extract("posterior_log_variance_clipped", t, x_t)
+        max_log = schedule.extract("log_betas", t, x_t)
         log_variance = frac * max_log + (1.0 - frac) * min_log
         return torch.exp(log_variance), log_variance
 
@@ -247,13 +251,13 @@ class AnalyticVariance(Variance, register=False):
         self.data_half_range = None if data_half_range is None else float(data_half_range)
         self._gamma_on: dict[torch.device, torch.Tensor] = {}  # no host copy per step
 
-    def check(self, d):
-        if self.gamma.numel() != d.num_timesteps:
+    def check(self, schedule):
+        if self.gamma.numel() != schedule.num_timesteps:
             raise ValueError(
                 f"variance=analytic: Γ has {self.gamma.numel()} steps, the diffusion "
-                f"{d.num_timesteps}; estimate Γ for this diffusion"
+                f"{schedule.num_timesteps}; estimate Γ for this diffusion"
             )
-        if self.data_half_range is None and bool(d.alphas_cumprod[-1] == 0):
+        if self.data_half_range is None and bool(schedule.alphas_cumprod[-1] == 0):
             raise ValueError(_ZERO_SNR_NEEDS_BOUND)
 
     def respaced(self, parent, timestep_map):
@@ -270,19 +274,19 @@ class AnalyticVariance(Variance, register=False):
         )
         return torch.cat([tables["posterior_log_variance_clipped"][:1], variance[1:].log()])
 
-    def __call__(self, d, var_output, x_t, t):
+    def __call__(self, schedule, var_output, x_t, t):
         device = t.device
         if device not in self._gamma_on:
             self._gamma_on[device] = self.gamma.to(device)
         gamma = self._gamma_on[device][t].reshape(t.shape[0], *([1] * (x_t.dim() - 1)))
         variance = analytic_variance(
-            d.extract("posterior_variance", t, x_t),
-            d.extract("posterior_mean_coef1", t, x_t),
-            d.extract("alphas_cumprod", t, x_t),
+            schedule.extract("posterior_variance", t, x_t),
+            schedule.extract("posterior_mean_coef1", t, x_t),
+            schedule.extract("alphas_cumprod", t, x_t),
             gamma.to(x_t.dtype),
             self.data_half_range,
         )
-        decoder_log = d.extract("posterior_log_variance_clipped", t, x_t)
+        decoder_log = schedule.extract("posterior_log_variance_clipped", t, x_t)
         is_decoder = (t == 0).reshape(gamma.shape)
         log_variance = torch.where(is_decoder, decoder_log, variance.log())
         return torch.where(is_decoder, decoder_log.exp(), variance), log_variance

@@ -21,8 +21,11 @@ A zero-terminal-SNR schedule (ᾱ_T = 0) refuses every weighting but ``none``
 implied ε̂ is x_T = ε whatever the network outputs, so the ε-MSE, and any w(t) times it, is zero
 at the last step. The plain v- or x₀-MSE (``none``) trains that step.
 
-Each class computes its table ``[T]`` once, in float64, from the schedule; the diffusion stores it
-as a buffer, so a training step indexes it on the device without a host copy. Adding one is one
+Each class computes its table ``[T]`` once, in float64, from the schedule's float64 tables (and,
+for ``none`` and ``elbo``, the parameterisation or the variance it is composed with, so
+:meth:`Weighting.table` receives the composition: any
+:class:`~ddpm.diffusion.protocols.Composition`, such as the façade). The diffusion stores it as a
+buffer, so a training step indexes it on the device without a host copy. Adding one is one
 subclass with a ``name`` (it registers itself in :data:`WEIGHTINGS`) plus a YAML in
 ``conf/weighting/``.
 """
@@ -30,14 +33,12 @@ subclass with a ``name`` (it registers itself in :data:`WEIGHTINGS`) plus a YAML
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ddpm.diffusion.protocols import Composition
 from ddpm.diffusion.registry import register as _register
-
-if TYPE_CHECKING:
-    from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion
 
 __all__ = [
     "WEIGHTINGS",
@@ -79,9 +80,9 @@ class Weighting:
         if register:
             _register(WEIGHTINGS, "weighting", cls)
 
-    def table(self, d: GaussianDiffusion) -> torch.Tensor:
-        """w(t) ``[T]`` float64 on the host, from ``d``'s float64 βs (and, for ``elbo``, its
-        variance)."""
+    def table(self, d: Composition) -> torch.Tensor:
+        """w(t) ``[T]`` float64 on the host, from ``d.schedule``'s float64 tables (and, for
+        ``none``, ``d.parameterization``; for ``elbo``, ``d.variance``)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -89,8 +90,8 @@ class Weighting:
         return f"{type(self).__name__}({fields})"
 
 
-def _alphas_cumprod(d: GaussianDiffusion) -> torch.Tensor:
-    return torch.cumprod(1.0 - d.betas_float64, 0)
+def _alphas_cumprod(d: Composition) -> torch.Tensor:
+    return d.schedule.tables_float64["alphas_cumprod"]
 
 
 class NoWeighting(Weighting):
@@ -100,7 +101,7 @@ class NoWeighting(Weighting):
     name = "none"
 
     def table(self, d):
-        return d.parameterization.eps_weight(d.betas_float64)
+        return d.parameterization.eps_weight(d.schedule.betas_float64)
 
 
 class ELBOWeighting(Weighting):
@@ -109,7 +110,7 @@ class ELBOWeighting(Weighting):
     name = "elbo"
 
     def table(self, d):
-        betas = d.betas_float64
+        betas = d.schedule.betas_float64
         abar = _alphas_cumprod(d)
         log_variance = _fixed_log_variance(d)
         return (
@@ -157,7 +158,7 @@ class SigmoidWeighting(Weighting):
         self.shift = float(shift)
 
     def table(self, d):
-        lam = log_snr(_alphas_cumprod(d))
+        lam = d.schedule.log_snr_float64
         T = lam.numel()
         # λ decreases in t; −dλ/dt with t = index/T: T·(λ_{t−1} − λₜ), one-sided at index 0.
         step = torch.cat([lam[:1] - lam[1:2], lam[:-1] - lam[1:]]) * T
@@ -191,11 +192,9 @@ def make_weighting(name: str | Weighting, **kwargs: float) -> Weighting:
         raise ValueError(f"bad parameters {kwargs} for weighting {name!r}: {err}") from None
 
 
-def _fixed_log_variance(d: GaussianDiffusion) -> torch.Tensor:
+def _fixed_log_variance(d: Composition) -> torch.Tensor:
     """log σₜ² ``[T]`` float64 of ``d``'s fixed variance, the one the bound's p_θ uses."""
-    from ddpm.diffusion.schedule import schedule_tables
-
-    log_variance = d.variance.fixed_log_variance(schedule_tables(d.betas_float64))
+    log_variance = d.variance.fixed_log_variance(d.schedule.tables_float64)
     if log_variance is not None:
         return log_variance
     raise ValueError(
@@ -205,7 +204,7 @@ def _fixed_log_variance(d: GaussianDiffusion) -> torch.Tensor:
 
 
 def effective_weighting(
-    d: GaussianDiffusion, timestep_sampler: Any | None = None
+    d: Composition, timestep_sampler: Any | None = None
 ) -> dict[str, torch.Tensor]:
     """What the configured objective weights, per timestep: the weight on the ε-MSE of the
     mean and the density of t (and so of λ) it is applied with.
@@ -243,7 +242,7 @@ def effective_weighting(
     density = torch.full((T,), 1.0 / T, dtype=torch.float64)
     if timestep_sampler is not None and not getattr(timestep_sampler, "importance_weighted", True):
         density = timestep_sampler.probabilities(torch.device("cpu")).double()
-    lam = log_snr(torch.cumprod(1.0 - d.betas_float64, 0))
+    lam = d.schedule.log_snr_float64
     # |dλ/dt| per step, central differences (one-sided at the ends; ∞ next to SNR = 0).
     step = torch.cat([lam[:1] - lam[1:2], (lam[:-2] - lam[2:]) / 2, lam[-2:-1] - lam[-1:]])
     log_snr_density = density / step
