@@ -35,7 +35,17 @@ def test_plot_run_reads_every_csv_version_and_the_bound_terms(tmp_path):
     assert "train/loss_q0" not in curves  # non-finite values are left out
     (run / "nll").mkdir()
     np.save(run / "nll" / "terms_step0000003.npy", np.linspace(1.0, 0.001, 50))
-    written = plot_run(run)
+    import matplotlib.pyplot as plt
+
+    previous = plt.get_backend()
+    plt.switch_backend("svg")  # stands in for a notebook's inline backend
+    try:
+        written = plot_run(run)
+        # Training calls this from inside notebooks: it must not switch their backend to Agg
+        # (notebooks 02 and 03 then showed no figure at all).
+        assert plt.get_backend() == "svg"
+    finally:
+        plt.switch_backend(previous)
     assert [p.name for p in written] == ["training.png", "sample_quality.png", "bound_terms.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -82,11 +82,7 @@ def plot_weightings(rows: Sequence[RowWeighting], path: str | Path | None = None
     Returns:
         the matplotlib Figure.
     """
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the figure is returned for display (notebooks)
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 6.8), sharey=True)
     reference = next(r for r in rows if r.objective.experiment == "table2_eps_simple")

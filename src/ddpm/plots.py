@@ -67,10 +67,9 @@ def _plot(ax, curves: dict[str, list[tuple[int, float]]], keys: Iterable[str]) -
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Draw the run's curves and bound terms into ``<run_dir>/plots/``; returns the files written
     (none when the run logged nothing to CSV and saved no bound terms)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figures built without pyplot: no global backend is touched, so a notebook that trains a
+    # run keeps showing its own figures inline.
+    from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
     out = run_dir / "plots"
@@ -81,13 +80,13 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         out.mkdir(exist_ok=True)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
-        plt.close(fig)
         written.append(out / name)
 
     losses = ["train/loss", *(f"train/loss_q{q}" for q in range(4)), "val/loss"]
     lrs = sorted(k for k in curves if k.startswith("lr-"))
     if any(k in curves for k in losses):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig = Figure(figsize=(11, 4))
+        axes = fig.subplots(1, 2)
         _plot(axes[0], curves, losses)
         axes[0].set_yscale("log")
         axes[0].set_title("loss (q0–q3: quartiles of t, q0 nearest the data)")
@@ -98,7 +97,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     quality = sorted(k for k in curves if k.startswith(_QUALITY_PREFIXES) and "_std" not in k)
     if quality:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         _plot(ax, curves, quality)
         ax.set_title("sample quality (lower is better for fd/fid)")
         save(fig, "sample_quality.png")
@@ -107,7 +107,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if terms_files:
         terms = np.load(terms_files[-1])
         t = np.arange(1, terms.size + 1)  # the paper's t: index 0 is t = 1 (the decoder)
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig = Figure(figsize=(11, 4))
+        axes = fig.subplots(1, 2)
         axes[0].semilogy(t, np.maximum(terms, 1e-12))
         axes[0].set_xlabel("t")
         axes[0].set_ylabel("Lₜ (bits/dim)")

@@ -91,12 +91,10 @@ def measure_checkpoint(
 
 
 def _plot(results: list[dict[str, Any]], path: Path, labels: Sequence[str]) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
     for result, label in zip(results, labels, strict=True):
         ratio = result["rms_ratio"]
         ax.plot(
@@ -112,7 +110,6 @@ def _plot(results: list[dict[str, Any]], path: Path, labels: Sequence[str]) -> N
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

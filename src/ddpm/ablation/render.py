@@ -437,10 +437,7 @@ def plot_tradeoff(table: Table, path: str | Path) -> Path | None:
     """The samples-against-likelihood trade-off: per row, mean Fréchet distance against mean
     bits/dim with their 95% intervals as error bars (one panel per schedule); "–" rows and rows
     without both metrics are left out. Returns the PNG's path, or None with nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
 
     def plotted(row: TableRow) -> bool:
         return row.cells["fd"].interval is not None and row.cells["nll"].interval is not None
@@ -448,7 +445,8 @@ def plot_tradeoff(table: Table, path: str | Path) -> Path | None:
     schedules = sorted({r.schedule for r in table.rows if plotted(r)}, key=_schedule_rank)
     if not schedules:
         return None
-    fig, axes = plt.subplots(1, len(schedules), figsize=(6.5 * len(schedules), 5.0), squeeze=False)
+    fig = Figure(figsize=(6.5 * len(schedules), 5.0))
+    axes = fig.subplots(1, len(schedules), squeeze=False)
     for ax, schedule in zip(axes[0], schedules, strict=True):
         rows = [r for r in table.rows if r.schedule == schedule and plotted(r)]
         for i, row in enumerate(rows):
@@ -471,7 +469,6 @@ def plot_tradeoff(table: Table, path: str | Path) -> Path | None:
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out
 
 
