@@ -45,6 +45,7 @@ __all__ = [
     "gamma_cache_path",
     "model_fingerprint",
     "tag_metrics",
+    "tag_nll_metrics",
 ]
 
 #: What ``variance=`` accepts (not given: the checkpoint's own).
@@ -52,8 +53,18 @@ VARIANCE_CHOICES = ("analytic", "fixed_large", "fixed_small")
 #: The Γ cache of a checkpoint ``c`` is ``c`` + this.
 CACHE_SUFFIX = ".analytic_gamma.pt"
 _CACHE_FORMAT = 1
-#: Trailing parts of a metric key that name a statistic of the metric, not the metric itself.
-_STATISTIC_TAILS = ("_estimator_stderr", "_stderr", "_std")
+#: Trailing parts of a metric key that name a statistic or the cost of the metric, not the
+#: metric itself (``nll_bpd_nfe`` → ``nll_bpd_analytic_nfe``).
+_STATISTIC_TAILS = (
+    "_estimator_stderr",
+    "_stderr",
+    "_std",
+    "_seconds_per_image",
+    "_seconds",
+    "_nfe",
+)
+#: Bits/dim results that no reverse variance enters: the prior term L_T and the image count.
+_VARIANCE_FREE_NLL_KEYS = frozenset({"nll_prior_bpd", "nll_num_images"})
 
 
 @dataclass(frozen=True)
@@ -140,11 +151,7 @@ class VarianceChoice:
     def tag_nll(self, result: Mapping[str, Any], estimator: str) -> dict[str, Any]:
         """The bound's results named for this variance: not the prior term L_T nor the image
         count (no variance in them), nor the ODE likelihood (it reads only ε̂)."""
-        fixed = {"nll_prior_bpd", "nll_num_images"}
-        if estimator == "ode":
-            return dict(result)
-        depends = {k: v for k, v in result.items() if k not in fixed}
-        return {**{k: v for k, v in result.items() if k in fixed}, **self.tag(depends)}
+        return tag_nll_metrics(result, self.suffix, estimator)
 
     def save_gamma(self, directory: str | Path) -> Path | None:
         """Write ``analytic_gamma.npz`` (``gamma``, ``stderr``: float64 ``[T]``, index 0 = the
@@ -172,6 +179,17 @@ def tag_metrics(metrics: Mapping[str, Any], suffix: str) -> dict[str, Any]:
         tail = next((t for t in _STATISTIC_TAILS if key.endswith(t)), "")
         tagged[f"{key[: len(key) - len(tail)]}{suffix}{tail}"] = value
     return tagged
+
+
+def tag_nll_metrics(result: Mapping[str, Any], suffix: str, estimator: str) -> dict[str, Any]:
+    """Bits/dim results (:meth:`~ddpm.metrics.bound.BitsPerDim.compute`) named for a variance
+    (``suffix``, e.g. ``"_analytic"``): every key but the prior term L_T and the image count (no
+    variance in them); nothing for ``estimator="ode"`` (the ODE reads only ε̂)."""
+    if estimator == "ode":
+        return dict(result)
+    depends = {k: v for k, v in result.items() if k not in _VARIANCE_FREE_NLL_KEYS}
+    fixed = {k: v for k, v in result.items() if k in _VARIANCE_FREE_NLL_KEYS}
+    return {**fixed, **tag_metrics(depends, suffix)}
 
 
 def model_fingerprint(diffusion: GaussianDiffusion, net: nn.Module) -> str:
@@ -272,6 +290,7 @@ def apply_configured_variance(
     run_cfg: DictConfig | None,
     sampler: str | None = None,
     log: Callable[[str], None] = print,
+    override: str | None = None,
 ) -> VarianceChoice:
     """:func:`apply_inference_variance` as ``src/eval.py`` and ``src/sample.py`` configure it.
 
@@ -284,12 +303,16 @@ def apply_configured_variance(
     Args:
         sampler: the one sampler the caller samples with, when it does nothing else: a variance
             given with a sampler that ignores it (all but ``ancestral``) is then refused.
+        override: this variance in place of ``cfg.variance`` (``nll.likelihoods``'s
+            ``analytic``); None: read ``cfg.variance``.
 
     Raises:
         ConfigError: see :func:`apply_inference_variance`; a sampler that ignores the variance.
     """
     node = cfg.get("variance")
     variance = node.get("name") if isinstance(node, DictConfig) else node
+    if override is not None:
+        variance = override
     if variance is not None and sampler is not None and sampler != "ancestral":
         raise ConfigError(
             f"variance={variance} sets the noise of the ancestral sampler; sampler={sampler} "

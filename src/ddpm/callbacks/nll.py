@@ -14,7 +14,9 @@ from torch.utils.data import Dataset
 
 from ddpm.callbacks._evaluation import publish_metrics, unwrap_diffusion, unwrap_ema_net
 from ddpm.diffusion.ode_likelihood import ODELikelihoodSettings
-from ddpm.metrics.bound import NLL_ESTIMATORS, BitsPerDim, run_nll
+from ddpm.diffusion.variance import Variance
+from ddpm.inference_variance import tag_nll_metrics
+from ddpm.metrics.bound import NLL_ESTIMATORS, BitsPerDim, nll_metric_name, run_nll
 
 __all__ = ["NLLCallback"]
 
@@ -66,6 +68,14 @@ class NLLCallback(pl.Callback):
         ode: the ODE's settings for ``"ode"`` (``rtol``, ``atol``, ``method``,
             ``hutchinson_samples``, ``divergence``, ``max_num_steps``; see
             :class:`~ddpm.diffusion.ode_likelihood.ODELikelihoodSettings`); None: the defaults.
+        per_image: also keep each image's total: ``last_result["per_image_bpd"]``, float64
+            ``[n]`` in dataset order (not logged), for paired comparisons
+            (``nll.likelihoods`` of ``src/eval.py``).
+        report_cost: report the bound's cost too (``B_nfe``, ``B_seconds``,
+            ``B_seconds_per_image``), as the ODE always does.
+        variance: evaluate with this reverse variance in place of the model's own (e.g. an
+            :class:`~ddpm.diffusion.variance.AnalyticVariance`), swapped in for the evaluation
+            and back afterwards; the results are named for it (``nll_bpd_analytic``, ...).
     """
 
     def __init__(
@@ -83,6 +93,9 @@ class NLLCallback(pl.Callback):
         num_terms: int | None = None,
         clip_denoised: bool = True,
         ode: ODELikelihoodSettings | Mapping[str, Any] | None = None,
+        per_image: bool = False,
+        report_cost: bool = False,
+        variance: Variance | None = None,
     ) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
@@ -107,6 +120,9 @@ class NLLCallback(pl.Callback):
         self.seed = int(seed)
         self.save_terms = bool(save_terms)
         self.progress = bool(progress)
+        self.per_image = bool(per_image)
+        self.report_cost = bool(report_cost)
+        self.variance = variance
         self._last_step: int | None = None
         self.last_result: dict | None = None
         self.last_terms_path: Path | None = None
@@ -140,7 +156,8 @@ class NLLCallback(pl.Callback):
         """Run one evaluation now (collective) and publish it.
 
         Returns:
-            :meth:`~ddpm.metrics.bound.BitsPerDim.compute` (``terms_bpd`` included; for the
+            :meth:`~ddpm.metrics.bound.BitsPerDim.compute` (``terms_bpd`` and, with
+            ``per_image``, ``per_image_bpd`` included; named for ``variance`` when given; for the
             ODE also ``nll_bpd_ode_settings``, the solver settings as a dict), or ``{}`` when this
             step was evaluated already.
         """
@@ -149,26 +166,44 @@ class NLLCallback(pl.Callback):
             return {}
         self._last_step = step
         diffusion = unwrap_diffusion(pl_module)
+        dataset = self._dataset(trainer)
+        n = min(self.num_images, len(dataset))  # type: ignore[arg-type]
         metric = BitsPerDim(
-            diffusion.num_timesteps, self.estimator, self.num_terms, self.clip_denoised, self.ode
+            diffusion.num_timesteps,
+            self.estimator,
+            self.num_terms,
+            self.clip_denoised,
+            self.ode,
+            num_images=n if self.per_image else None,
+            report_cost=self.report_cost,
         )
-        result = run_nll(
-            diffusion,
-            unwrap_ema_net(pl_module),
-            self._dataset(trainer),
-            metric,
-            num_images=self.num_images,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            strategy=trainer.strategy,
-            progress=self.progress,
-        )
+        own = diffusion.variance
+        if self.variance is not None:
+            diffusion.use_variance(self.variance)
+        try:
+            result = run_nll(
+                diffusion,
+                unwrap_ema_net(pl_module),
+                dataset,
+                metric,
+                num_images=self.num_images,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                strategy=trainer.strategy,
+                progress=self.progress,
+            )
+        finally:
+            if self.variance is not None:
+                diffusion.use_variance(own)
         terms = result.pop("terms_bpd", None)
+        per_image = result.pop("per_image_bpd", None)
+        if self.variance is not None:
+            result = tag_nll_metrics(result, f"_{self.variance.name}", self.estimator)
+        name = self.metric_name(diffusion.num_timesteps)
         publish_metrics(trainer, {k: float(v) for k, v in result.items()})
         if trainer.is_global_zero:
             if terms is not None:
                 self._write_terms(trainer, terms, step)
-            name = metric.name
             log.info(
                 "step %d: %s=%.4f ± %.4f on %d images",
                 step,
@@ -179,10 +214,21 @@ class NLLCallback(pl.Callback):
             )
         if terms is not None:
             result["terms_bpd"] = terms
+        if per_image is not None:
+            result["per_image_bpd"] = per_image
         if self.ode is not None:  # the protocol beside the numbers (metrics.json), not logged
-            result[f"{metric.name}_settings"] = self.ode.as_dict()
+            result[f"{name}_settings"] = self.ode.as_dict()
         self.last_result = result
         return result
+
+    def metric_name(self, num_timesteps: int) -> str:
+        """The name this callback reports its total under for a diffusion of ``num_timesteps``:
+        :func:`~ddpm.metrics.bound.nll_metric_name`, with ``_<variance>`` appended when it
+        evaluates with another variance (``nll_bpd_analytic``)."""
+        name = nll_metric_name(self.estimator, self.num_terms, num_timesteps, self.clip_denoised)
+        if self.variance is not None and self.estimator != "ode":
+            name += f"_{self.variance.name}"
+        return name
 
     def _write_terms(self, trainer: pl.Trainer, terms: np.ndarray, step: int) -> None:
         if self.save_terms:

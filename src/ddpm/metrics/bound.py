@@ -16,6 +16,7 @@ only after their last batch, to agree that none failed and to merge the sums.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,6 +77,13 @@ class BitsPerDim(Metric):
         ode: the ODE's solver settings for ``"ode"`` (an
             :class:`~ddpm.diffusion.ode_likelihood.ODELikelihoodSettings` or its mapping, e.g.
             ``nll.ode``; None: the defaults, rtol = atol = 1e-5, dopri5, one Rademacher probe).
+        num_images: keep the total of every image ``0 .. num_images − 1`` (by its index in the
+            dataset; :meth:`update` then needs ``start``), for paired comparisons between
+            likelihoods on the same images: ``compute()`` adds ``per_image_bpd``. None: sums
+            only.
+        report_cost: also report the bound's cost, as the ODE always does: ``B_nfe`` (network
+            evaluations per image: T, or K for the stratified estimate), ``B_seconds`` (the
+            batches' wall-clock, summed over batches and ranks) and ``B_seconds_per_image``.
 
     ``compute()`` returns, with ``B`` = :func:`nll_metric_name`: ``B`` (mean bound), ``B_stderr``
     (standard error of that mean over images; for a stratified estimate it contains the
@@ -94,6 +102,11 @@ class BitsPerDim(Metric):
     also costs ``hutchinson_samples`` vector-Jacobian products), ``B_seconds`` (solver
     wall-clock summed over batches and ranks) and ``B_seconds_per_image``. No key is shared
     with the bound's.
+
+    With ``num_images``: ``per_image_bpd`` (float64 ``[num_images]``, the total of image i at
+    index i: an array, not a metric); every image must have been added exactly once. The
+    per-image states are float64 ``[num_images]`` sums to which each image's rank alone adds
+    a non-zero value, so DDP merges them exactly and the array does not depend on the world size.
     """
 
     full_state_update = False
@@ -106,6 +119,9 @@ class BitsPerDim(Metric):
         num_terms: int | None = None,
         clip_denoised: bool = True,
         ode: ODELikelihoodSettings | Mapping[str, Any] | None = None,
+        *,
+        num_images: int | None = None,
+        report_cost: bool = False,
     ):
         super().__init__()
         self.name = nll_metric_name(estimator, num_terms, num_timesteps, clip_denoised)
@@ -120,16 +136,57 @@ class BitsPerDim(Metric):
             self.add_state(name, torch.zeros((), dtype=f64), dist_reduce_fx="sum")
         terms = self.num_timesteps if estimator == "full" else 0
         self.add_state("terms_sum", torch.zeros(terms, dtype=f64), dist_reduce_fx="sum")
-        if estimator == "ode":  # the cost: evaluations and seconds per solve (one per batch)
+        self.report_cost = bool(report_cost) or estimator == "ode"
+        if self.report_cost:  # the cost: evaluations and seconds per batch (one solve for ODE)
             self.add_state("solves", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
             for name in ("nfe_sum", "seconds_sum"):
                 self.add_state(name, torch.zeros((), dtype=f64), dist_reduce_fx="sum")
+        if num_images is not None and int(num_images) < 1:
+            raise ValueError(f"num_images={num_images}: keep at least one image, or pass None")
+        self.num_images = None if num_images is None else int(num_images)
+        if self.num_images is not None:
+            size = self.num_images
+            self.add_state("image_sum", torch.zeros(size, dtype=f64), dist_reduce_fx="sum")
+            self.add_state(
+                "image_count", torch.zeros(size, dtype=torch.int64), dist_reduce_fx="sum"
+            )
 
-    def update(self, out: Mapping[str, Any]) -> None:
+    @property
+    def network_evaluations_per_image(self) -> int | None:
+        """Forward passes of the network per image for the bound: T for ``full`` (one per term;
+        L_T needs none), K for ``stratified``; None for ``ode`` (the solver decides)."""
+        if self.estimator == "full":
+            return self.num_timesteps
+        if self.estimator == "stratified":
+            return self.num_terms
+        return None
+
+    def update(self, out: Mapping[str, Any], start: int | None = None) -> None:
         """Add one batch: the dict of ``nll_bpd`` (``total``, ``prior``, ``terms [B, T]``), of
         ``nll_bpd_stratified`` (``total``, ``prior``, ``stderr``) or of ``ode_nll_bpd``
-        (``total``, ``prior``, ``stderr``, ``nfe``, ``seconds``), per image in bits/dim."""
+        (``total``, ``prior``, ``stderr``, ``nfe``, ``seconds``), per image in bits/dim; with
+        ``report_cost`` the bound's dicts also carry ``seconds`` (the batch's wall-clock).
+
+        Args:
+            out: the batch's results (``total [B]`` etc.).
+            start: dataset index of the batch's first image (its images are
+                ``start .. start + B − 1``); needed when per-image totals are kept.
+
+        Raises:
+            ValueError: per-image totals are kept and ``start`` is missing or the batch runs
+                past ``num_images``.
+        """
         total = out["total"].to(self.device, torch.float64)
+        if self.num_images is not None:
+            if start is None:
+                raise ValueError("BitsPerDim keeps per-image totals: update(out, start=...)")
+            stop = int(start) + total.shape[0]
+            if not 0 <= int(start) <= stop <= self.num_images:
+                raise ValueError(
+                    f"images {start}..{stop - 1} outside the {self.num_images} kept per image"
+                )
+            self.image_sum[int(start) : stop] += total
+            self.image_count[int(start) : stop] += 1
         self.count += total.shape[0]
         self.total_sum += total.sum()
         self.total_sq_sum += total.square().sum()
@@ -138,9 +195,10 @@ class BitsPerDim(Metric):
             self.terms_sum += out["terms"].to(self.device, torch.float64).sum(dim=0)
         elif self.estimator == "stratified" or self._has_estimator_stderr():
             self.estimator_var_sum += out["stderr"].to(self.device, torch.float64).square().sum()
-        if self.estimator == "ode":
+        if self.report_cost:
+            nfe = out["nfe"] if self.estimator == "ode" else self.network_evaluations_per_image
             self.solves += 1
-            self.nfe_sum += float(out["nfe"])
+            self.nfe_sum += float(nfe)  # type: ignore[arg-type]
             self.seconds_sum += float(out["seconds"])
 
     def _has_estimator_stderr(self) -> bool:
@@ -159,18 +217,19 @@ class BitsPerDim(Metric):
         else:
             stderr = float("nan")
         result: dict[str, float | np.ndarray] = {self.name: mean, f"{self.name}_stderr": stderr}
+        if self.num_images is not None:
+            result["per_image_bpd"] = self._per_image(n)
         if self.estimator == "ode":
-            solves = max(int(self.solves), 1)
             result[f"{self.name}_prior"] = float(self.prior_sum) / n
             result[f"{self.name}_num_images"] = n
             if self._has_estimator_stderr():
                 result[f"{self.name}_estimator_stderr"] = (
                     math.sqrt(float(self.estimator_var_sum)) / n
                 )
-            result[f"{self.name}_nfe"] = float(self.nfe_sum) / solves
-            result[f"{self.name}_seconds"] = float(self.seconds_sum)
-            result[f"{self.name}_seconds_per_image"] = float(self.seconds_sum) / n
+            result.update(self._cost(n))
             return result
+        if self.report_cost:
+            result.update(self._cost(n))
         result["nll_prior_bpd"] = float(self.prior_sum) / n
         result["nll_num_images"] = n
         if self.estimator == "full":
@@ -182,6 +241,33 @@ class BitsPerDim(Metric):
         else:
             result[f"{self.name}_estimator_stderr"] = math.sqrt(float(self.estimator_var_sum)) / n
         return result
+
+    def _cost(self, n: int) -> dict[str, float]:
+        """``B_nfe`` (mean network evaluations per batch = per image: a batch's images share
+        the ODE's steps), ``B_seconds`` (summed over batches and ranks), ``B_seconds_per_image``."""
+        solves = max(int(self.solves), 1)
+        return {
+            f"{self.name}_nfe": float(self.nfe_sum) / solves,
+            f"{self.name}_seconds": float(self.seconds_sum),
+            f"{self.name}_seconds_per_image": float(self.seconds_sum) / n,
+        }
+
+    def _per_image(self, n: int) -> np.ndarray:
+        """The kept per-image totals ``[num_images]`` (float64).
+
+        Raises:
+            RuntimeError: an image was added twice, or not at all (then the paired comparison
+                would not be over the same images).
+        """
+        counts = self.image_count.cpu()
+        if n != self.num_images or not bool((counts == 1).all()):
+            missing = int((counts == 0).sum())
+            repeated = int((counts > 1).sum())
+            raise RuntimeError(
+                f"per-image bits/dim: {missing} of {self.num_images} images never added, "
+                f"{repeated} added more than once"
+            )
+        return self.image_sum.cpu().numpy().copy()
 
 
 def _first(item: Any) -> torch.Tensor:
@@ -218,6 +304,8 @@ def run_nll(
         :meth:`BitsPerDim.compute`, on every rank.
 
     Raises:
+        ValueError: no image, or ``metric`` keeps per-image totals for another number of images
+            than the ``min(num_images, len(dataset))`` evaluated.
         RuntimeError: on every rank, when a batch failed on any rank (its own error where it
             happened); the ranks agree on it before merging, so none is left waiting.
     """
@@ -226,6 +314,11 @@ def run_nll(
     n = min(int(num_images), len(dataset))  # type: ignore[arg-type]
     if n < 1:
         raise ValueError(f"need at least one image, got num_images={num_images}")
+    if metric.num_images is not None and metric.num_images != n:
+        raise ValueError(
+            f"the metric keeps per-image totals of {metric.num_images} images, but {n} are "
+            "evaluated (num_images capped at the dataset size)"
+        )
     metric.reset()
     metric.to(device)
     batches: Any = shard_batches(n, batch_size, strategy.global_rank, strategy.world_size)
@@ -242,7 +335,13 @@ def run_nll(
                 x0 = x0.to(device=device, dtype=diffusion.betas.dtype)  # type: ignore[union-attr]
                 seed_b = batch_seed(seed, start, "nll")
                 generator = torch.Generator(device=device).manual_seed(seed_b)
-                metric.update(_batch_nll(diffusion, net, x0, metric, generator, progress))
+                began = time.perf_counter()
+                out = _batch_nll(diffusion, net, x0, metric, generator, progress)
+                if metric.report_cost and "seconds" not in out:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # the batch's kernels, not their launch
+                    out = {**out, "seconds": time.perf_counter() - began}
+                metric.update(out, start=start)
         except Exception as exc:  # every rank must reach the decision below
             error = exc
     if not strategy.reduce_boolean_decision(error is None, all=True):
@@ -293,6 +392,8 @@ def evaluate_nll(
     clip_denoised: bool = True,
     strategy: Collective | None = None,
     ode: ODELikelihoodSettings | Mapping[str, Any] | None = None,
+    per_image: bool = False,
+    report_cost: bool = False,
 ) -> dict[str, Any]:
     """Bits/dim (the variational bound, or the ODE likelihood) on the first ``num_images``
     images (collective).
@@ -316,6 +417,10 @@ def evaluate_nll(
         strategy: the run's strategy (None: this process alone).
         ode: the ODE's settings (:class:`~ddpm.diffusion.ode_likelihood.ODELikelihoodSettings`
             or a mapping such as ``nll.ode``), for ``"ode"``.
+        per_image: also return ``per_image_bpd``, float64 ``[n]``: the total of each image, in
+            dataset order (for paired comparisons; :class:`BitsPerDim`'s ``num_images``).
+        report_cost: the bound's cost keys too (``B_nfe``, ``B_seconds``,
+            ``B_seconds_per_image``; the ODE always reports them).
 
     Returns:
         :meth:`~ddpm.metrics.bound.BitsPerDim.compute` (bits/dim, on every rank). A full and a
@@ -323,12 +428,15 @@ def evaluate_nll(
     """
     dataset = dataloader.dataset if isinstance(dataloader, DataLoader) else dataloader
     loader_batch = dataloader.batch_size if isinstance(dataloader, DataLoader) else None
+    kept = min(int(num_images), len(dataset)) if per_image else None  # type: ignore[arg-type]
     metric = BitsPerDim(
         diffusion.num_timesteps,  # type: ignore[arg-type]
         estimator,
         num_terms,
         clip_denoised,
         ode=ode,
+        num_images=kept,
+        report_cost=report_cost,
     )
     return run_nll(
         diffusion,

@@ -6,6 +6,10 @@ evaluate during training (they evaluate at the end of the test epoch; ``test_ste
 held-out loss). ``trainer=ddp trainer.devices=N`` evaluates on N processes with the same
 numbers and the same images as one: the samples and images are split by global batch, each
 seeded by its index, and the metrics' float64 sums are merged by torchmetrics.
+
+``nll.likelihoods=[bound, bound_unclipped, analytic, ode]`` evaluates several likelihoods of the
+checkpoint side by side on the same images and seeds, one ``NLLCallback`` each, with their cost
+and paired differences (:mod:`ddpm.likelihoods`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ from ddpm.builders import build_datamodule, ensure_writable_dir, load_inference_
 from ddpm.callbacks import NLLCallback, SampleQualityCallback
 from ddpm.errors import ConfigError
 from ddpm.inference_variance import apply_configured_variance
+from ddpm.likelihoods import (
+    collect,
+    format_differences,
+    images_sha256,
+    likelihood_callbacks,
+    parse_likelihoods,
+    prepare_analytic,
+    save_arrays,
+)
 from ddpm.models.speed import fast_inference_net, speed_options
 from ddpm.tasks.common import sampler_spec, write_json_atomic
 
@@ -30,7 +43,8 @@ __all__ = ["run"]
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate; rank 0 writes ``<output_dir>/metrics.json`` (and ``nll_terms.npy``).
+    """Evaluate; rank 0 writes ``<output_dir>/metrics.json`` (and ``nll_terms.npy``; with
+    ``nll.likelihoods``, ``nll_likelihoods.npz``).
 
     Returns:
         the metrics (on every rank).
@@ -43,8 +57,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed = _evaluation_seed(cfg, run_cfg)
     with open_dict(cfg):
         cfg.seed = seed  # before anything interpolates ${seed}
+    likelihoods = parse_likelihoods(cfg) if cfg.nll.enabled else None
     # variance=...: before the speed options wrap the network (Γ's cache hashes its weights).
     variance = apply_configured_variance(cfg, module.diffusion, module.ema_net, run_cfg)
+    analytic, analytic_info = None, {}
+    if likelihoods and any(spec.variance == "analytic" for spec in likelihoods):
+        analytic, analytic_info = prepare_analytic(cfg, module.diffusion, module.ema_net, run_cfg)
     speed = speed_options(cfg.get("speed"))
     module.ema.ema_net = fast_inference_net(module.ema.ema_net, **speed)
     data_node = run_cfg.data if run_cfg is not None else cfg.pretrained_data
@@ -83,7 +101,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 save_dir=str(output_dir / "samples") if quality.get("save_samples") else None,
             )
         )
-    if nll.enabled:
+    nll_callbacks: list[pl.Callback] = []
+    if likelihoods:
+        nll_callbacks = likelihood_callbacks(likelihoods, nll, seed, analytic)
+        callbacks.extend(nll_callbacks)
+    elif nll.enabled:
         callbacks.append(
             NLLCallback(
                 num_images=int(nll.num_images),
@@ -115,7 +137,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     metrics.update(variance.tag({k: float(v) for k, v in (logged[0] if logged else {}).items()}))
     terms = None
+    arrays = None
+    if likelihoods:
+        comparison, per_image, bound_terms = collect(likelihoods, nll_callbacks)
+        metrics.update(analytic_info)
+        metrics.update(comparison)
+        dataset = datamodule.test_set
+        count = int(next(iter(per_image.values())).shape[0])
+        metrics["nll_images_sha256"] = images_sha256(dataset, count)
+        arrays = (per_image, bound_terms)
     for callback in callbacks:
+        if callback in nll_callbacks:
+            continue
         if isinstance(callback, SampleQualityCallback):
             # Only the ancestral sampler draws its noise with the variance.
             uses_variance = callback.sampler.name == "ancestral"
@@ -132,12 +165,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             path = Path(output_dir) / "nll_terms.npy"
             np.save(path, terms)
             metrics["nll_terms_npy"] = str(path)
+        if arrays is not None:
+            metrics["nll_likelihoods_npz"] = str(save_arrays(output_dir, *arrays))
         metrics["wall_time_s"] = round(time.time() - start, 2)
         path = write_json_atomic(metrics, Path(output_dir) / "metrics.json")
         print(f"metrics: {path}", flush=True)
         for key, value in metrics.items():
             if key.startswith(("fid", "is_", "fd_", "nll_bpd")) and isinstance(value, float):
                 print(f"  {key}: {value:.4f}")
+        for line in format_differences(metrics):
+            print(line)
     return metrics
 
 
