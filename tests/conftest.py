@@ -46,6 +46,32 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def run_ranks(
+    target: Callable[..., None],
+    args: Callable[[int], tuple],
+    log_dir: Path,
+    world: int = 2,
+    timeout: float = 300,
+) -> None:
+    """Start ``world`` spawned processes ``target(*args(rank))``, join them, and assert that each
+    exited with 0, quoting the tail of its own log (``log_dir/rank{r}.log``, written by the
+    worker) when one did not."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args(rank)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=timeout)
+    for rank, proc in enumerate(procs):
+        if proc.is_alive():
+            proc.kill()
+        log = Path(log_dir) / f"rank{rank}.log"
+        tail = log.read_text()[-3000:] if log.exists() else "(no log)"
+        assert proc.exitcode == 0, f"rank {rank} exit code {proc.exitcode}:\n{tail}"
+
+
 # Any training config as a tiny, offline, few-second CPU run (conf/scale/tiny.yaml).
 TINY = ["+scale=tiny"]
 

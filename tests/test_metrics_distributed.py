@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from lightning.fabric import Fabric
 
-from conftest import TinyNet, leave_process_group  # tests/ is on sys.path under pytest
+from conftest import TinyNet, leave_process_group, run_ranks  # tests/ is on sys.path under pytest
 from ddpm.data.common import UInt8ImageDataset
 from ddpm.data.digits import load_digits_split
 from ddpm.diffusion import GaussianDiffusion, make_betas
@@ -147,22 +146,8 @@ def _worker(rank: int, port: int, out: str, cache_dir: str) -> None:
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     multi = tmp_path_factory.mktemp("multi")
     single = tmp_path_factory.mktemp("single")
-    ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(rank, port, str(multi), str(multi / "cache")))
-        for rank in range(WORLD)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=300)
-    for rank, proc in enumerate(procs):
-        if proc.is_alive():
-            proc.kill()
-        log = multi / f"rank{rank}.log"
-        tail = log.read_text()[-3000:] if log.exists() else "(no log)"
-        assert proc.exitcode == 0, f"rank {rank} exit code {proc.exitcode}:\n{tail}"
+    run_ranks(_worker, lambda rank: (rank, port, str(multi), str(multi / "cache")), multi, WORLD)
     _run_all(single, single / "cache", strategy=None)  # this process alone: world size 1
     load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
     return {

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import TinyNet, leave_process_group  # tests/ is on sys.path under pytest
+from conftest import TinyNet, leave_process_group, run_ranks  # tests/ is on sys.path under pytest
 from ddpm.data.common import UInt8ImageDataset
 from ddpm.data.digits import load_digits_split
 from ddpm.diffusion import GaussianDiffusion, make_betas
@@ -324,19 +323,8 @@ def test_ode_likelihood_does_not_depend_on_the_world_size(tmp_path: Path) -> Non
     """Two gloo processes give the single process's nll_bpd_ode, its standard errors and
     evaluation count (float64 sums: rel 1e-9), identical on both ranks; when one rank's solver
     fails (a NaN image), both ranks raise instead of one waiting for the other."""
-    ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=240)
-    for rank, proc in enumerate(procs):
-        if proc.is_alive():
-            proc.kill()
-        log = tmp_path / f"rank{rank}.log"
-        tail = log.read_text()[-3000:] if log.exists() else "(no log)"
-        assert proc.exitcode == 0, f"rank {rank} exit code {proc.exitcode}:\n{tail}"
+    run_ranks(_worker, lambda rank: (rank, port, str(tmp_path)), tmp_path, WORLD, timeout=240)
     single_dir = tmp_path / "single"
     single_dir.mkdir()
     _evaluate(single_dir, strategy=None)
