@@ -164,7 +164,7 @@ def test_slurm_signal_requeues_and_the_requeued_job_finds_its_run_and_wandb_run(
 
 
 def test_run_stamp_is_the_slurm_job_id_when_there_is_one(monkeypatch) -> None:
-    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME"):
         monkeypatch.delenv(name, raising=False)
     assert slurm_job_id() is None and run_stamp()[:2] == "20"  # a timestamp
     monkeypatch.setenv("SLURM_JOB_ID", "123")
@@ -172,6 +172,8 @@ def test_run_stamp_is_the_slurm_job_id_when_there_is_one(monkeypatch) -> None:
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert run_stamp() == "slurm-120_3"
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # salloc: many commands, one job id
+    assert slurm_job_id() is None and run_stamp()[:2] == "20"
     register_resolvers()
     register_resolvers()  # idempotent
 

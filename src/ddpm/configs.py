@@ -23,10 +23,14 @@ __all__ = [
 
 
 def slurm_job_id() -> str | None:
-    """The SLURM job id of this process (``<array job>_<task>`` for an array task), or None.
+    """The SLURM job id of this batch job (``<array job>_<task>`` for an array task), or None.
 
     A requeued job keeps its id, so it names what a job must find again after a preemption.
+    None in an interactive allocation (job name ``bash`` or ``interactive``, Lightning's rule),
+    where one job runs many unrelated commands and nothing is requeued.
     """
+    if os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
     array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array_job and task:
         return f"{array_job}_{task}"
