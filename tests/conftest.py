@@ -46,6 +46,35 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a test's process group)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def join_as_rank(rank: int, port: int, world: int, log_dir: str | Path):
+    """In a spawned test worker: send its output to ``log_dir/rank{rank}.log``, set the variables
+    a cluster launcher sets, and join the gloo group through Lightning Fabric (returned)."""
+    import sys
+
+    from lightning.fabric import Fabric
+
+    with open(Path(log_dir) / f"rank{rank}.log", "w") as log:
+        os.dup2(log.fileno(), sys.stdout.fileno())
+        os.dup2(log.fileno(), sys.stderr.fileno())
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    fabric = Fabric(accelerator="cpu", devices=world, strategy="ddp")
+    fabric.launch()
+    return fabric
+
+
 def run_ranks(
     target: Callable[..., None],
     args: Callable[[int], tuple],

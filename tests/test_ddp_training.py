@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import leave_process_group  # tests/ is on sys.path under pytest
+from conftest import free_port, leave_process_group  # tests/ is on sys.path under pytest
 from ddpm.seeding import rank_seed
 
 WORLD = 2
@@ -33,12 +32,6 @@ DDP = [
     "~callbacks.sample_grid",
     "final_eval.range_check_samples=0",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, cfg, port: int, record_dir: str) -> None:
@@ -93,7 +86,7 @@ def _worker(rank: int, cfg, port: int, record_dir: str) -> None:
 def _train_ddp(cfg, record_dir: Path) -> list[dict]:
     record_dir.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, cfg, port, str(record_dir))) for r in range(WORLD)
     ]

@@ -13,18 +13,20 @@ stand-in feature network keeps it fast; the Inception graph itself is covered by
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from lightning.fabric import Fabric
 
-from conftest import TinyNet, leave_process_group, run_ranks  # tests/ is on sys.path under pytest
+from conftest import (  # tests/ is on sys.path under pytest
+    TinyNet,
+    free_port,
+    join_as_rank,
+    leave_process_group,
+    run_ranks,
+)
 from ddpm.data.common import UInt8ImageDataset
 from ddpm.data.digits import load_digits_split
 from ddpm.diffusion import GaussianDiffusion, make_betas
@@ -121,23 +123,8 @@ def _run_all(out: Path, cache_dir: Path, strategy: Any) -> None:
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out: str, cache_dir: str) -> None:
-    with open(Path(out) / f"rank{rank}.log", "w") as log:
-        os.dup2(log.fileno(), sys.stdout.fileno())
-        os.dup2(log.fileno(), sys.stderr.fileno())
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), NODE_RANK="0",
-        LOCAL_RANK=str(rank),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    fabric = Fabric(accelerator="cpu", devices=WORLD, strategy="ddp")
-    fabric.launch()
+    fabric = join_as_rank(rank, port, WORLD, out)
     _run_all(Path(out), Path(cache_dir), fabric.strategy)
     leave_process_group()
 
@@ -146,7 +133,7 @@ def _worker(rank: int, port: int, out: str, cache_dir: str) -> None:
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     multi = tmp_path_factory.mktemp("multi")
     single = tmp_path_factory.mktemp("single")
-    port = _free_port()
+    port = free_port()
     run_ranks(_worker, lambda rank: (rank, port, str(multi), str(multi / "cache")), multi, WORLD)
     _run_all(single, single / "cache", strategy=None)  # this process alone: world size 1
     load = lambda p: torch.load(p, weights_only=True)  # noqa: E731

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import TinyNet, leave_process_group, run_ranks  # tests/ is on sys.path under pytest
+from conftest import (  # tests/ is on sys.path under pytest
+    TinyNet,
+    free_port,
+    join_as_rank,
+    leave_process_group,
+    run_ranks,
+)
 from ddpm.data.common import UInt8ImageDataset
 from ddpm.data.digits import load_digits_split
 from ddpm.diffusion import GaussianDiffusion, make_betas
@@ -296,25 +299,8 @@ def _evaluate(out: Path, strategy) -> None:
     (out / f"rank{strategy.global_rank}.json").write_text(json.dumps(result))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out: str) -> None:
-    with open(Path(out) / f"rank{rank}.log", "w") as log:
-        os.dup2(log.fileno(), sys.stdout.fileno())
-        os.dup2(log.fileno(), sys.stderr.fileno())
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), NODE_RANK="0",
-        LOCAL_RANK=str(rank),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    from lightning.fabric import Fabric
-
-    fabric = Fabric(accelerator="cpu", devices=WORLD, strategy="ddp")
-    fabric.launch()
+    fabric = join_as_rank(rank, port, WORLD, out)
     _evaluate(Path(out), fabric.strategy)
     leave_process_group()
 
@@ -323,7 +309,7 @@ def test_ode_likelihood_does_not_depend_on_the_world_size(tmp_path: Path) -> Non
     """Two gloo processes give the single process's nll_bpd_ode, its standard errors and
     evaluation count (float64 sums: rel 1e-9), identical on both ranks; when one rank's solver
     fails (a NaN image), both ranks raise instead of one waiting for the other."""
-    port = _free_port()
+    port = free_port()
     run_ranks(_worker, lambda rank: (rank, port, str(tmp_path)), tmp_path, WORLD, timeout=240)
     single_dir = tmp_path / "single"
     single_dir.mkdir()
