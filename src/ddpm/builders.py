@@ -204,7 +204,7 @@ def load_for_inference(
         )
     if ckpt_path:
         module, cfg = load_module_from_checkpoint(ckpt_path, map_location=device)
-        return module.diffusion, module.ema_net, module.image_shape, cfg
+        return module.ema_diffusion, module.ema_net, module.image_shape, cfg
     from ddpm.models.convert import unet_from_diffusers
 
     if pretrained_diffusion is None:

@@ -79,7 +79,17 @@ class DiffusionLitModule(pl.LightningModule):
         self.lr_warmup_steps = int(lr_warmup_steps)
         self.ema = ExponentialMovingAverage(net, decay=ema_decay)
         self.timestep_sampler = make_timestep_sampler(
-            timestep_sampler, diffusion.schedule, **dict(timestep_sampler_kwargs or {})
+            timestep_sampler,
+            diffusion.schedule,
+            continuous=diffusion.time.continuous,
+            **dict(timestep_sampler_kwargs or {}),
+        )
+        # A learned schedule trains with the network (same optimiser) and has its own EMA,
+        # which evaluation uses with the EMA network (`ema_diffusion`).
+        self.schedule_ema = (
+            ExponentialMovingAverage(diffusion.schedule, decay=ema_decay)
+            if diffusion.schedule.learnable
+            else None
         )
         self.check_finite_every_n_steps = check_finite_every_n_steps
         self.channels_last = bool(channels_last)
@@ -108,6 +118,17 @@ class DiffusionLitModule(pl.LightningModule):
         """The EMA network used for every sample and evaluation."""
         return self.ema.ema_net
 
+    @property
+    def ema_diffusion(self) -> GaussianDiffusion:
+        """The diffusion every sample and evaluation uses with :attr:`ema_net`: ``diffusion``
+        itself, or for a learned schedule the same composition on the schedule's EMA, whose
+        T-step tables are recomputed from its current parameters here."""
+        if self.schedule_ema is None:
+            return self.diffusion
+        schedule = self.schedule_ema.ema_net
+        schedule.refresh_tables()
+        return self.diffusion.with_schedule(schedule)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The training network's output ``[B, C·m, H, W]`` (float32) for ``x_t`` at ``t``."""
         net = self.net if self._compiled_net is None else self._compiled_net
@@ -135,7 +156,12 @@ class DiffusionLitModule(pl.LightningModule):
                     # step, which on a device tensor would synchronise each step.
                     mean = mean.to("cpu", copy=True)
                 self.log(f"train/{name}", mean, on_step=True, prog_bar=name == "loss")
-        quartile = (t * 4) // self.diffusion.num_timesteps
+            if "diffusion" in terms:  # continuous bound: what a learned schedule's shape minimises
+                self.log("train/diffusion_var", terms["diffusion"].detach().var(), on_step=True)
+        if t.is_floating_point():  # continuous t ∈ [0, 1)
+            quartile = (t * 4).long().clamp(0, 3)
+        else:
+            quartile = (t * 4) // self.diffusion.num_timesteps
         self._quartile_sums.index_add_(0, quartile, terms["loss"].detach().float())
         self._quartile_counts.index_add_(0, quartile, torch.ones_like(terms["loss"]).float())
         return loss
@@ -179,6 +205,8 @@ class DiffusionLitModule(pl.LightningModule):
         """
         super().optimizer_step(*args, **kwargs)
         self.ema.update(self.net)
+        if self.schedule_ema is not None:
+            self.schedule_ema.update(self.diffusion.schedule)
         step = self.global_step + 1  # the step that just finished (global_step counts it later)
         if step % self._log_interval() == 0:
             self._flush_quartiles()
@@ -209,18 +237,27 @@ class DiffusionLitModule(pl.LightningModule):
     def _held_out_loss(self, batch: Any, batch_idx: int, split: str) -> None:
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         generator = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
-        t = torch.randint(
-            0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator
-        )
+        if self.diffusion.time.continuous:
+            t = torch.rand(x0.shape[0], device=x0.device, generator=generator)
+        else:
+            t = torch.randint(
+                0,
+                self.diffusion.num_timesteps,
+                (x0.shape[0],),
+                device=x0.device,
+                generator=generator,
+            )
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-        terms = self.diffusion.training_losses(self.ema_net, x0, t, noise)
+        terms = self.ema_diffusion.training_losses(self.ema_net, x0, t, noise)
         for name, value in terms.items():
             self.log(f"{split}/{name}", value.mean(), on_epoch=True, sync_dist=True)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
+        # The diffusion has parameters only with a learned schedule: otherwise the optimiser's
+        # parameters are the network's, as they always were.
         optimizer, scheduler = build_optimizer(
-            self.net.parameters(),
+            [*self.net.parameters(), *self.diffusion.parameters()],
             self.optimizer_factory,
             lr_warmup_steps=self.lr_warmup_steps,
             fused=self.fused_adam,
@@ -230,6 +267,26 @@ class DiffusionLitModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping; with a learned schedule the network and the schedule are
+        clipped each by its own norm, so the schedule's gradient (the variance gradient is
+        scaled by 2L) never changes the network's."""
+        schedule_params = [p for p in self.diffusion.parameters() if p.grad is not None]
+        if not schedule_params or not gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        net_params = [p for p in self.net.parameters() if p.grad is not None]
+        for group in (net_params, schedule_params):
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(group, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(group, gradient_clip_val)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -253,6 +310,9 @@ class DiffusionLitModule(pl.LightningModule):
     def _check_weights_finite(self) -> None:
         tensors = [p.detach() for p in self.net.parameters()]
         tensors += [p.detach() for p in self.ema_net.parameters()]
+        tensors += [p.detach() for p in self.diffusion.parameters()]  # a learned schedule's
+        if self.schedule_ema is not None:
+            tensors += [p.detach() for p in self.schedule_ema.parameters()]
         norms = torch._foreach_norm([t.float() for t in tensors], ord=float("inf"))
         if not bool(torch.isfinite(torch.stack(norms)).all()):
             step = self.global_step

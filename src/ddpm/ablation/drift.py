@@ -66,7 +66,7 @@ def measure_checkpoint(
     from ddpm.builders import build_datamodule, load_module_from_checkpoint
 
     module, cfg = load_module_from_checkpoint(ckpt, map_location=device)
-    d, net = module.diffusion.to(device), module.ema_net.to(device)
+    d, net = module.ema_diffusion.to(device), module.ema_net.to(device)
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")

@@ -38,9 +38,12 @@ ObjectiveKey = tuple[str, str, str, str, str]
 
 
 def objective_variant(cfg: DictConfig | None) -> str:
-    """What besides the four groups sets a run's objective: ``t~<sampler>`` for a timestep
-    sampler other than uniform and ``zero_terminal_snr``, joined by ``+`` (``""`` for neither)."""
+    """What besides the four groups sets a run's objective: ``continuous`` time, ``t~<sampler>``
+    for a timestep sampler other than uniform and ``zero_terminal_snr``, joined by ``+`` (``""``
+    for none of them)."""
     parts = []
+    if _select(cfg, "time.name") == "continuous" or _select(cfg, "schedule.name") == "learned":
+        parts.append("continuous")
     sampler = _select(cfg, "module.timestep_sampler")
     if sampler not in (None, "uniform"):
         parts.append(f"t~{sampler}")

@@ -22,8 +22,10 @@ def unwrap_ema_net(pl_module: pl.LightningModule) -> torch.nn.Module:
 
 
 def unwrap_diffusion(pl_module: pl.LightningModule) -> torch.nn.Module:
-    """``pl_module.diffusion`` (the :class:`~ddpm.diffusion.GaussianDiffusion`)."""
-    diffusion = getattr(pl_module, "diffusion", None)
+    """The :class:`~ddpm.diffusion.GaussianDiffusion` to evaluate with the EMA network:
+    ``pl_module.ema_diffusion`` where it exists (a learned schedule's EMA), else
+    ``pl_module.diffusion``."""
+    diffusion = getattr(pl_module, "ema_diffusion", None) or getattr(pl_module, "diffusion", None)
     if diffusion is None:
         raise AttributeError(f"{type(pl_module).__name__} has no `diffusion` attribute")
     return diffusion

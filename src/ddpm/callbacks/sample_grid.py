@@ -65,7 +65,7 @@ class SampleGridCallback(pl.Callback):
         device = pl_module.device
         generator = torch.Generator(device=device).manual_seed(self.seed)
         shape = (self.num_samples, *pl_module.image_shape)
-        return pl_module.diffusion.sample(
+        return pl_module.ema_diffusion.sample(
             pl_module.ema_net, shape, generator=generator, **self.sampler.kwargs()
         )
 

@@ -6,6 +6,7 @@ schedule, by name in :data:`SCHEDULES`: :func:`make_schedule`, or a β table fro
 """
 
 from ddpm.diffusion.analytic import GammaEstimate, estimate_gamma
+from ddpm.diffusion.continuous import continuous_bound
 from ddpm.diffusion.gaussian_diffusion import GaussianDiffusion
 from ddpm.diffusion.likelihood import (
     approx_standard_normal_cdf,
@@ -40,10 +41,12 @@ from ddpm.diffusion.schedule import (
     schedule_tables,
 )
 from ddpm.diffusion.spacing import DEFAULT_SPACING, SPACINGS, timestep_spacing
+from ddpm.diffusion.time import TIMES, ContinuousTime, DiscreteTime, Time, make_time
 from ddpm.diffusion.timesteps import (
     TIMESTEP_SAMPLERS,
     EDMLogNormalSampler,
     LossSecondMomentSampler,
+    LowDiscrepancySampler,
     TimestepSampler,
     UniformSampler,
     make_timestep_sampler,
@@ -59,6 +62,7 @@ from ddpm.diffusion.variance import (
     analytic_variance,
     make_variance,
 )
+from ddpm.diffusion.vdm import LearnedSchedule, RescaledSchedule, make_rescaled_schedule
 from ddpm.diffusion.weighting import WEIGHTINGS, Weighting, make_weighting
 
 __all__ = [
@@ -68,12 +72,15 @@ __all__ = [
     "SAMPLERS",
     "SCHEDULES",
     "SPACINGS",
+    "TIMES",
     "TIMESTEP_SAMPLERS",
     "VARIANCES",
     "WEIGHTINGS",
     "AnalyticVariance",
     "BetaSchedule",
+    "ContinuousTime",
     "CosineSchedule",
+    "DiscreteTime",
     "EDMLogNormalSampler",
     "EDMParameterization",
     "EpsParameterization",
@@ -83,17 +90,21 @@ __all__ = [
     "GaussianDiffusion",
     "HybridLoss",
     "LearnedRangeVariance",
+    "LearnedSchedule",
     "LearnedVariance",
     "LinearSchedule",
     "Loss",
     "LossSecondMomentSampler",
+    "LowDiscrepancySampler",
     "MuParameterization",
     "Parameterization",
     "QuadSchedule",
+    "RescaledSchedule",
     "SamplerSpec",
     "Schedule",
     "SigmoidSchedule",
     "SimpleLoss",
+    "Time",
     "TimestepSampler",
     "UniformSampler",
     "VLBLoss",
@@ -104,13 +115,16 @@ __all__ = [
     "ZeroTerminalSNRSchedule",
     "analytic_variance",
     "approx_standard_normal_cdf",
+    "continuous_bound",
     "discretized_gaussian_log_likelihood",
     "estimate_gamma",
     "get_sampler",
     "make_betas",
     "make_loss",
     "make_parameterization",
+    "make_rescaled_schedule",
     "make_schedule",
+    "make_time",
     "make_timestep_sampler",
     "make_variance",
     "make_weighting",

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ddpm.diffusion.bound import full_bound, stratified_bound, stratum_bounds
+from ddpm.diffusion.continuous import At, continuous_bound
 from ddpm.diffusion.likelihood import (
     discretized_gaussian_log_likelihood,
     mean_flat_bpd,
@@ -34,8 +35,9 @@ from ddpm.diffusion.losses import Loss, make_loss
 from ddpm.diffusion.parameterization import Parameterization, make_parameterization
 from ddpm.diffusion.protocols import Net
 from ddpm.diffusion.sampling import sample_loop
-from ddpm.diffusion.schedule import TABLE_NAMES, Schedule, as_schedule
+from ddpm.diffusion.schedule import TABLE_NAMES, Schedule, ScheduleTables, as_schedule
 from ddpm.diffusion.spacing import timestep_spacing
+from ddpm.diffusion.time import ContinuousTime, Time, make_time
 from ddpm.diffusion.variance import Variance, make_variance
 from ddpm.diffusion.weighting import Weighting, effective_weighting, make_weighting
 
@@ -62,12 +64,17 @@ class GaussianDiffusion(nn.Module):
         dtype: dtype of the stored tables; float64 gives exact maths for tests and references.
             None: the schedule's own (float32 for a β table); a schedule of another dtype is
             copied with its tables cast from float64 (:meth:`Schedule.with_dtype`).
+        weighting: of the ε-MSE under ``loss=simple`` (:mod:`~ddpm.diffusion.weighting`).
+        time: ``discrete`` (None), ``continuous`` or a :class:`~ddpm.diffusion.time.Time`
+            (:mod:`ddpm.diffusion.time`). A schedule defined in continuous time only (a learned
+            one) implies ``continuous``.
 
     Raises:
         ValueError: for an unknown name, or a combination the loss cannot train, naming the
             combination and what to use instead; on a zero-terminal-SNR schedule (ᾱ_T = 0),
             ε prediction and any weighting other than ``none`` (the ε-MSE it weights is
-            identically zero at the last step).
+            identically zero at the last step); in continuous time, what has no continuous
+            form (:meth:`_check_continuous`).
 
     The schedule is the submodule ``schedule``: its tables are computed in float64 and stored as
     ``dtype`` non-persistent buffers, so they move with ``.to(device)`` and never enter
@@ -86,6 +93,7 @@ class GaussianDiffusion(nn.Module):
         dtype: torch.dtype | None = None,
         weighting: str | Weighting = "none",
         weighting_kwargs: dict[str, Any] | None = None,
+        time: str | Time | None = None,
     ) -> None:
         super().__init__()
         self.parameterization = make_parameterization(parameterization)
@@ -119,6 +127,14 @@ class GaussianDiffusion(nn.Module):
                 "parameterization=x0 (their plain MSE trains it), or "
                 "schedule.zero_terminal_snr=false."
             )
+        time = make_time(time)
+        if self.schedule.continuous_only and not time.continuous:
+            time = ContinuousTime()  # a learned γ(t) implies continuous time
+        if isinstance(time, ContinuousTime):
+            time = time.resolved(self.schedule)
+        self.time = time
+        if time.continuous:
+            self._check_continuous()
         self.num_timesteps = self.schedule.num_timesteps
         for name in TABLE_NAMES:  # the schedule's tensors, under the names callers know
             self.register_buffer(name, self.schedule.get_buffer(name), persistent=False)
@@ -133,6 +149,58 @@ class GaussianDiffusion(nn.Module):
             self.register_buffer("weights", weights.to(self.schedule.dtype), persistent=False)
         self._respaced: OrderedDict[tuple, GaussianDiffusion] = OrderedDict()  # LRU, see respaced
         self.variance.check(self.schedule)  # e.g. an analytic variance's Γ must have T entries
+
+    def _check_continuous(self) -> None:
+        """Refuse what has no continuous-time form, naming the fix."""
+        fix = "or time=discrete"
+        if self.schedule.zero_terminal_snr:
+            raise ValueError(
+                "time=continuous with a zero-terminal-SNR schedule: γ(1) = ∞, so the prior "
+                "term and γ′ near t = 1 are infinite. Use schedule.zero_terminal_snr=false, " + fix
+            )
+        if self.variance.learned:
+            raise ValueError(
+                f"time=continuous with variance={self.variance.name}: a learned variance is a "
+                "per-step quantity (between β̃ and β of one step) with no continuous-time form; "
+                "VDM's bound has none. Use variance=fixed_large or variance=fixed_small, " + fix
+            )
+        if not self.parameterization.mean_from_pred_x0:
+            raise ValueError(
+                f"time=continuous with parameterization={self.parameterization.name}: μ̃ is "
+                "the mean of one step t → t−1, which continuous time does not have. Use "
+                "parameterization=eps, x0, v or edm, " + fix
+            )
+        if self.schedule.learnable and (self.loss.name != "vlb" or self.weighting.name != "none"):
+            raise ValueError(
+                f"schedule=learned with loss={self.loss.name} and "
+                f"weighting={self.weighting.name}: the learned schedule's endpoints train on "
+                "the bound and its shape on the variance of the bound's diffusion loss, whose "
+                "mean the shape does not change; under any other objective the shape would "
+                "change the objective itself. Use loss=vlb weighting=none, or a fixed schedule "
+                "(e.g. schedule=cosine time=continuous)"
+            )
+        if self.weighting.name != "none" and not self.weighting.continuous_form:
+            raise ValueError(
+                f"weighting={self.weighting.name} has no continuous-time form; use one of "
+                "elbo, min_snr, p2, sigmoid, edm or none, " + fix
+            )
+
+    def with_schedule(self, schedule: Schedule) -> GaussianDiffusion:
+        """The same composition on another schedule of the same T (e.g. a learned schedule's
+        EMA copy, for evaluation); the strategies are shared, the respaced cache is not."""
+        if schedule.num_timesteps != self.num_timesteps:
+            raise ValueError(
+                f"with_schedule: T={schedule.num_timesteps}, this diffusion has "
+                f"T={self.num_timesteps}"
+            )
+        return GaussianDiffusion(
+            schedule,
+            self.parameterization,
+            self.variance,
+            self.loss,
+            weighting=self.weighting,
+            time=self.time,
+        )
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> GaussianDiffusion:
         """Move/cast the tables (``.to``, ``.cuda``, ``.double``, ...) and drop respaced children.
@@ -206,13 +274,26 @@ class GaussianDiffusion(nn.Module):
             )
         return output.chunk(2, dim=1)
 
-    def model_output(self, net: Net, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network output ``[B, C·m, ...]`` at (x_t, t): ``net(net_input(x_t, t), t)``.
+    def model_output(
+        self,
+        net: Net,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        schedule: ScheduleTables | None = None,
+    ) -> torch.Tensor:
+        """The network output ``[B, C·m, ...]`` at (x_t, t): ``net(net_input(x_t, t), c(t))``.
 
-        ``t`` are this diffusion's timesteps, which the network also receives as its noise input;
-        the parameterisation preconditions x_t (identity except for ``edm``).
+        ``t`` are this diffusion's timesteps (indices, or continuous times); the network
+        receives the time strategy's noise input c(t) (the index itself in discrete time, see
+        :class:`~ddpm.diffusion.time.ContinuousTime`); the parameterisation preconditions x_t
+        (identity except for ``edm``). ``schedule``: the batch's
+        :class:`~ddpm.diffusion.schedule.ScheduleAt` in continuous time (None: the schedule).
         """
-        return net(self.parameterization.net_input(self.schedule, x_t, t), t)
+        schedule = self.schedule if schedule is None else schedule
+        return net(
+            self.parameterization.net_input(schedule, x_t, t),
+            self.time.network_input(schedule, t),
+        )
 
     # ------------------------------------------------------------------ forward process
     def q_mean_variance(
@@ -287,18 +368,32 @@ class GaussianDiffusion(nn.Module):
         t: torch.Tensor,
         noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-example loss terms ``[B]`` of the configured objective; ``"loss"`` is always present."""
+        """Per-example loss terms ``[B]`` of the configured objective; ``"loss"`` is always present.
+
+        ``t``: timestep indices ``[B]`` (long), or continuous times in [0, 1] (floating) under
+        ``time=continuous``, where the schedule is evaluated once for the batch
+        (:meth:`Schedule.at <ddpm.diffusion.schedule.Schedule.at>`) and the loss reads it
+        through that view.
+        """
         if noise is None:
             noise = torch.randn_like(x0)
-        x_t = self.q_sample(x0, t, noise)
-        output = self.model_output(net, x_t, t)
+        d: Any = self
+        if t.is_floating_point():
+            if not self.time.continuous:
+                raise ValueError(
+                    "continuous times t with time=discrete: pass timestep indices (a "
+                    "LongTensor), or build the diffusion with time=continuous"
+                )
+            d = At(self, self.schedule.at(t))
+        x_t = d.schedule.q_sample(x0, t, noise)
+        output = self.model_output(net, x_t, t, schedule=d.schedule)
         expected = x0.shape[1] * self.output_channels_multiplier
         if output.shape[1] != expected:
             raise ValueError(
                 f"the network outputs {output.shape[1]} channels but {self.name} needs {expected} "
                 f"(data channels × {self.output_channels_multiplier}); set the model's out_channels"
             )
-        return self.loss(self, output.to(x0.dtype), x0, x_t, t, noise)
+        return self.loss(d, output.to(x0.dtype), x0, x_t, t, noise)
 
     def vlb_terms_from_output(
         self,
@@ -358,9 +453,24 @@ class GaussianDiffusion(nn.Module):
         """The full variational bound on −log p(x0) in bits/dim (:func:`~ddpm.diffusion.bound.full_bound`),
         x̂₀ clipped inside every term as the paper evaluates it unless ``clip_denoised=False``.
 
+        In continuous time, VDM's bound with L_∞ from T stratified times per image, the same
+        number of network evaluations (:func:`~ddpm.diffusion.continuous.continuous_bound`).
+
         Returns:
-            ``total [B]``, ``terms [B, T]`` (decoder NLL at index 0) and ``prior [B]``.
+            ``total [B]``, ``terms [B, T]`` (decoder NLL at index 0; in continuous time stratum
+            i's share of the diffusion loss, with ``decoder [B]`` and ``stderr [B]`` beside)
+            and ``prior [B]``.
         """
+        if self.time.continuous:
+            return continuous_bound(
+                self,
+                net,
+                x0,
+                self.num_timesteps,
+                generator=generator,
+                clip_denoised=clip_denoised,
+                progress=progress,
+            )
         return full_bound(
             self, net, x0, generator=generator, progress=progress, clip_denoised=clip_denoised
         )
@@ -382,8 +492,13 @@ class GaussianDiffusion(nn.Module):
 
         Returns:
             ``total [B]``, ``stderr [B]`` (bits/dim), ``t [B, K]``, ``terms [B, K]``,
-            ``weights [K]`` and ``prior [B]``.
+            ``weights [K]`` and ``prior [B]``; in continuous time those of
+            :func:`~ddpm.diffusion.continuous.continuous_bound` with K strata.
         """
+        if self.time.continuous:
+            return continuous_bound(
+                self, net, x0, num_terms, generator=generator, clip_denoised=clip_denoised
+            )
         return stratified_bound(
             self, net, x0, num_terms, generator=generator, clip_denoised=clip_denoised
         )

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ddpm.diffusion.continuous import continuous_vlb_terms
 from ddpm.diffusion.likelihood import mean_flat
 from ddpm.diffusion.parameterization import Parameterization
 from ddpm.diffusion.protocols import Diffusion
@@ -95,16 +96,28 @@ class SimpleLoss(Loss):
         mean_output, _ = d.split_output(output)
         eps_hat = d.parameterization.pred_eps(d.schedule, mean_output, x_t, t)
         mse = mean_flat((noise - eps_hat).square())
-        return {"loss": d.weights[t].to(mse.dtype) * mse, "mse": mse}
+        if t.is_floating_point():  # continuous time: w at the batch's λ (ScheduleAt)
+            weights = d.weighting.continuous(d.schedule)
+        else:
+            weights = d.weights[t]
+        return {"loss": weights.to(mse.dtype) * mse, "mse": mse}
 
 
 class VLBLoss(Loss):
     """The true bound, official ``kl`` loss: Lₜ in bits/dim for the sampled t (decoder NLL at t = 0),
-    x̂₀ unclipped as in the official training loss (a clip would stop the gradient outside ±1)."""
+    x̂₀ unclipped as in the official training loss (a clip would stop the gradient outside ±1).
+
+    In continuous time (floating ``t``), VDM's bound for one t per example: the continuous
+    diffusion loss ½γ′(t)‖ε − ε̂‖² plus the prior and decoder terms, in bits/dim
+    (:func:`~ddpm.diffusion.continuous.continuous_vlb_terms`): an unbiased estimate of the whole
+    bound, not of one step's term as in discrete time.
+    """
 
     name = "vlb"
 
     def __call__(self, d, output, x0, x_t, t, noise):
+        if t.is_floating_point():
+            return continuous_vlb_terms(d, output, x0, x_t, t, noise)
         vlb = d.vlb_terms_from_output(output, x0, x_t, t, clip_denoised=False)
         return {"loss": vlb, "vlb": vlb}
 

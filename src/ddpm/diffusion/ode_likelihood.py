@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from ddpm.diffusion.protocols import Diffusion, Net
-from ddpm.diffusion.schedule import Schedule
+from ddpm.diffusion.schedule import MARGINAL_TABLES, Schedule
 from ddpm.errors import ConfigError
 
 __all__ = [
@@ -201,17 +201,6 @@ class LogSNRTime:
         return ContinuousTables(schedule, lam, self.timestep(lam))
 
 
-# The tables that are functions of ᾱ alone, from λ: ᾱ = sigmoid(λ), 1 − ᾱ = sigmoid(−λ).
-_FROM_LOG_SNR: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "alphas_cumprod": torch.sigmoid,
-    "sqrt_alphas_cumprod": lambda lam: torch.sigmoid(lam).sqrt(),
-    "sqrt_one_minus_alphas_cumprod": lambda lam: torch.sigmoid(-lam).sqrt(),
-    "log_one_minus_alphas_cumprod": lambda lam: torch.nn.functional.logsigmoid(-lam),
-    "sqrt_recip_alphas_cumprod": lambda lam: torch.sigmoid(lam).rsqrt(),
-    "sqrt_recipm1_alphas_cumprod": lambda lam: torch.exp(-0.5 * lam),
-}
-
-
 class ContinuousTables:
     """A schedule's tables at continuous log SNRs, shaped as a parameterisation reads them.
 
@@ -230,8 +219,8 @@ class ContinuousTables:
     def extract(self, table: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``table`` at this batch's λ, ``[B, 1, …, 1]`` in ``like``'s dtype (``t`` is ignored:
         it is this object's ``timestep``)."""
-        if table in _FROM_LOG_SNR:
-            values = _FROM_LOG_SNR[table](self.lam)
+        if table in MARGINAL_TABLES:
+            values = MARGINAL_TABLES[table](self.lam)
         else:
             values = getattr(self.schedule, table)
             tau = self.timestep.to(
@@ -499,6 +488,12 @@ def ode_nll_bpd(
         Hutchinson estimate's standard error in bits/dim, from the spread of the n probes; NaN for
         n = 1, 0 for the exact divergence), ``nfe`` and ``seconds`` (of the solve).
     """
+    if getattr(getattr(diffusion, "time", None), "continuous", False):
+        raise ConfigError(
+            "nll.estimator=ode on a continuous-time model: the ODE feeds the network "
+            "fractional timestep indices, which a continuous-time network was not trained on. "
+            "Use nll.estimator=full (VDM's continuous bound) or stratified"
+        )
     settings = settings or ODELikelihoodSettings()
     snr_time = snr_time or LogSNRTime.from_diffusion(diffusion)
     x = dequantize(x0, generator)

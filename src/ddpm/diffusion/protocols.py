@@ -8,7 +8,8 @@ façade: the import graph inside ``diffusion/`` has no cycle. Parameterisations,
 timestep samplers and the spacings need no more than the schedule and receive a
 :class:`~ddpm.diffusion.schedule.Schedule`.
 
-Shapes: images ``[B, C, ...]``; ``t`` a LongTensor ``[B]`` of timestep indices.
+Shapes: images ``[B, C, ...]``; ``t`` a LongTensor ``[B]`` of timestep indices, or a floating
+``[B]`` of continuous times in [0, 1] (``time=continuous``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Protocol
 import torch
 
 from ddpm.diffusion.parameterization import Parameterization
-from ddpm.diffusion.schedule import Schedule
+from ddpm.diffusion.schedule import Schedule, ScheduleTables
+from ddpm.diffusion.time import Time
 from ddpm.diffusion.variance import Variance
 
 __all__ = ["Composition", "Diffusion", "Named", "Net"]
@@ -42,6 +44,8 @@ class Composition(Protocol):
     variance: Variance
     loss: Named
     weighting: Named
+    #: ``discrete`` or ``continuous`` (:mod:`ddpm.diffusion.time`).
+    time: Time
     num_timesteps: int
 
 
@@ -55,8 +59,16 @@ class Diffusion(Composition, Protocol):
         """(parameterisation part, variance part or None) of a network output."""
         ...
 
-    def model_output(self, net: Net, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network output at (x_t, t), the input preconditioned by the parameterisation."""
+    def model_output(
+        self,
+        net: Net,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        schedule: ScheduleTables | None = None,
+    ) -> torch.Tensor:
+        """The network output at (x_t, t), the input preconditioned by the parameterisation
+        (``schedule``: a batch's :class:`~ddpm.diffusion.schedule.ScheduleAt` in continuous
+        time)."""
         ...
 
     def q_sample(

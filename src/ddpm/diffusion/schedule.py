@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -38,6 +38,7 @@ from torch import nn
 from ddpm.diffusion.registry import register as _register
 
 __all__ = [
+    "MARGINAL_TABLES",
     "SCHEDULES",
     "TABLE_NAMES",
     "BetaSchedule",
@@ -45,6 +46,7 @@ __all__ = [
     "LinearSchedule",
     "QuadSchedule",
     "Schedule",
+    "ScheduleAt",
     "ScheduleTables",
     "SigmoidSchedule",
     "ZeroTerminalSNRSchedule",
@@ -130,6 +132,18 @@ def schedule_tables(betas: torch.Tensor) -> dict[str, torch.Tensor]:
 #: The names of the tables of :func:`schedule_tables`, which :meth:`Schedule.extract` reads.
 TABLE_NAMES: tuple[str, ...] = tuple(schedule_tables(torch.tensor([0.1, 0.2])))
 
+#: The tables that are functions of ᾱ alone (of λ at one time), as functions of λ = log SNR: what
+#: a schedule answers at continuous t (:class:`ScheduleAt`). Every other table (β, the posterior's)
+#: needs the previous step as well.
+MARGINAL_TABLES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "alphas_cumprod": torch.sigmoid,
+    "sqrt_alphas_cumprod": lambda lam: torch.sigmoid(lam).sqrt(),
+    "sqrt_one_minus_alphas_cumprod": lambda lam: torch.sigmoid(-lam).sqrt(),
+    "log_one_minus_alphas_cumprod": lambda lam: torch.nn.functional.logsigmoid(-lam),
+    "sqrt_recip_alphas_cumprod": lambda lam: torch.sigmoid(lam).rsqrt(),
+    "sqrt_recipm1_alphas_cumprod": lambda lam: torch.exp(-0.5 * lam),
+}
+
 #: Every named schedule class by name; a :class:`Schedule` subclass with a ``name`` registers itself.
 SCHEDULES: dict[str, type[Schedule]] = {}
 
@@ -158,6 +172,107 @@ class ScheduleTables(Protocol):
     ) -> torch.Tensor:
         """ε̂ from x̂₀ ``[B, …]``."""
         ...
+
+
+class ScheduleAt:
+    """A schedule's forward process at one batch of continuous times: λ ``[B]`` and dλ/dt ``[B]``.
+
+    It answers what parameterisations read of a schedule (:class:`ScheduleTables`) from λ alone,
+    so every quantity of the batch shares one evaluation of the schedule. Only the
+    :data:`MARGINAL_TABLES` exist at a single time; asking for a table that needs the previous
+    step (β, the posterior's coefficients) is an error naming the fix.
+
+    A learned schedule (:class:`~ddpm.diffusion.vdm.LearnedSchedule`) also passes the batch's
+    normalised shape values u(t) and u′(t) (``shape``), on which
+    :meth:`scale_shape_gradient` registers VDM's variance-minimising gradient.
+
+    Args:
+        log_snr: λ(t) ``[B]``.
+        slope: dλ/dt ``[B]`` (negative: λ decreases in t).
+        source: the schedule this view was taken of (its endpoints, its T-step tables).
+        shape: the tensors through which a learned schedule's shape parameters enter λ and
+            dλ/dt (empty for a fixed schedule).
+    """
+
+    def __init__(
+        self,
+        log_snr: torch.Tensor,
+        slope: torch.Tensor,
+        source: Schedule,
+        shape: Sequence[torch.Tensor] = (),
+    ) -> None:
+        self.lam = log_snr
+        self.slope = slope
+        self.source = source
+        self.shape = tuple(shape)
+
+    @property
+    def dgamma(self) -> torch.Tensor:
+        """γ′(t) = −dλ/dt ``[B]`` (positive), the weight of VDM's continuous diffusion loss."""
+        return -self.slope
+
+    def log_snr(self, t: torch.Tensor | None = None) -> torch.Tensor:
+        """λ ``[B]`` of this batch (``t`` is ignored: it is the batch's)."""
+        return self.lam
+
+    def gamma(self, t: torch.Tensor | None = None) -> torch.Tensor:
+        """γ = −λ ``[B]`` of this batch (``t`` is ignored)."""
+        return -self.lam
+
+    def extract(self, table: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``table`` at this batch's λ as ``[B, 1, …, 1]`` in ``like``'s dtype (``t`` ignored).
+
+        Raises:
+            ValueError: ``table`` is not one of :data:`MARGINAL_TABLES`.
+        """
+        if table not in MARGINAL_TABLES:
+            raise ValueError(
+                f"the schedule table {table!r} needs the previous step, which continuous time "
+                f"does not have (only {sorted(MARGINAL_TABLES)} exist at one t): use a "
+                "parameterisation and variance that read ᾱ alone (eps, x0, v, edm with a fixed "
+                "variance), or time=discrete"
+            )
+        values = MARGINAL_TABLES[table](self.lam)
+        return values.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+    def q_sample(
+        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x_t = α x0 + σ ε ``[B, …]``."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        return (
+            self.extract("sqrt_alphas_cumprod", t, x0) * x0
+            + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
+
+    def q_posterior_mean(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Not defined at one time (it needs the previous step): raises ``ValueError``."""
+        return self.extract("posterior_mean_coef1", t, x_t)
+
+    def pred_eps_from_x0(
+        self, x_t: torch.Tensor, t: torch.Tensor, pred_x0: torch.Tensor
+    ) -> torch.Tensor:
+        """ε̂ = (x_t − α x̂₀)/σ ``[B, …]``."""
+        return (x_t - self.extract("sqrt_alphas_cumprod", t, x_t) * pred_x0) / self.extract(
+            "sqrt_one_minus_alphas_cumprod", t, x_t
+        )
+
+    def scale_shape_gradient(self, scale: torch.Tensor) -> None:
+        """Multiply the gradient that reaches the schedule's shape through example i by
+        ``scale[i]`` (``[B]``, no gradient); a no-op for a fixed schedule.
+
+        With ``scale = 2·L`` (L the per-example diffusion loss) the shape parameters η receive
+        (1/B) Σᵢ 2Lᵢ ∇_η Lᵢ, the gradient of E[L²] (VDM's variance minimisation), while the
+        endpoints and the network, which do not enter λ through the shape, keep the bound's
+        gradient.
+        """
+        scale = scale.detach()
+        for part in self.shape:
+            if part.requires_grad:
+                part.register_hook(lambda grad, scale=scale: grad * scale.to(grad.dtype))
 
 
 # ---------------------------------------------------------------------------- the schedule object
@@ -198,6 +313,10 @@ class Schedule(nn.Module):
         self, betas: torch.Tensor | Sequence[float], dtype: torch.dtype = torch.float32
     ) -> None:
         super().__init__()
+        self._set_tables(betas, dtype)
+
+    def _set_tables(self, betas: torch.Tensor | Sequence[float], dtype: torch.dtype) -> None:
+        """Compute every table from ``betas`` in float64 and store them as ``dtype`` buffers."""
         tables = schedule_tables(torch.as_tensor(betas, dtype=torch.float64))
         abar = tables["alphas_cumprod"]
         self.num_timesteps = int(tables["betas"].numel())
@@ -242,8 +361,11 @@ class Schedule(nn.Module):
         """``table[t]`` reshaped to ``[B, 1, …, 1]`` to broadcast against ``like``, in its dtype.
 
         ``table`` is a name from :data:`TABLE_NAMES`; ``t`` a LongTensor ``[B]`` of indices on the
-        tables' device (no host copy).
+        tables' device (no host copy), or a floating ``[B]`` of continuous times in [0, 1] (then
+        only the :data:`MARGINAL_TABLES` exist, see :meth:`at`).
         """
+        if t.is_floating_point():
+            return self.at(t).extract(table, t, like)
         values = getattr(self, table)[t]
         return values.reshape(t.shape[0], *([1] * (like.dim() - 1))).to(like.dtype)
 
@@ -311,24 +433,65 @@ class Schedule(nn.Module):
         """The continuous time t = (i + 1)/T of timestep indices i (any shape), in ``dtype``."""
         return (index.to(self.dtype) + 1.0) / self.num_timesteps
 
+    @property
+    def learnable(self) -> bool:
+        """Whether the schedule has parameters that train (VDM's learned γ_η)."""
+        return any(p.requires_grad for p in self.parameters())
+
+    @property
+    def continuous_only(self) -> bool:
+        """Whether the schedule is defined by its continuous γ(t) and implies continuous time
+        (its T-step tables are a discretisation of it)."""
+        return False
+
     def log_snr(self, t: torch.Tensor) -> torch.Tensor:
         """λ = log SNR = log(α²/σ²) (nats) at ``t``, same shape, in the tables' dtype.
 
         ``t`` is either a LongTensor of timestep indices (λᵢ = log ᾱᵢ − log(1 − ᾱᵢ), exactly the
-        table), or a floating tensor of continuous times in [0, 1] (values outside are clamped).
-
-        Continuous time, for a schedule given by its β table: index i sits at tᵢ = (i + 1)/T, and
-        λ(t) is the **linear interpolation of λ between neighbouring grid points** tᵢ ≤ t ≤ tᵢ₊₁.
-        At a grid point (within a few ulps) it is the table entry exactly. Below the first grid
-        point, t ∈ [0, 1/T), the first segment is extended linearly, so λ(0) = 2λ₀ − λ₁ is
-        finite and the map stays strictly decreasing. At zero terminal SNR (λ_{T−1} = −∞) the
-        last segment interpolates ᾱ instead, ᾱ(t) = (1 − u)·ᾱ_{T−2} for t = t_{T−2} + u/T, so λ
-        is finite below t = 1 and −∞ at t = 1. λ is continuous and strictly decreasing in t;
-        autograd gives its piecewise-constant derivative.
+        table), or a floating tensor of continuous times in [0, 1] (values outside are clamped;
+        see :meth:`log_snr_and_slope`).
         """
         if not t.is_floating_point():
             return self.log_snr_table[t]
-        return self._interpolated_log_snr(t)
+        return self.log_snr_and_slope(t)[0]
+
+    def log_snr_and_slope(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """λ(t) and dλ/dt at continuous times ``t`` (floating, any shape; clamped to [0, 1]).
+
+        For a schedule given by its β table: index i sits at tᵢ = (i + 1)/T, and λ(t) is the
+        **linear interpolation of λ between neighbouring grid points** tᵢ ≤ t ≤ tᵢ₊₁, so dλ/dt
+        is T·(λᵢ₊₁ − λᵢ) on that segment. At a grid point (within a few ulps) λ is the table
+        entry exactly. Below the first grid point, t ∈ [0, 1/T), the first segment is extended
+        linearly, so λ(0) = 2λ₀ − λ₁ is finite and the map stays strictly decreasing. At zero
+        terminal SNR (λ_{T−1} = −∞) the last segment interpolates ᾱ instead,
+        ᾱ(t) = (1 − u)·ᾱ_{T−2} for t = t_{T−2} + u/T, so λ is finite below t = 1 and −∞ at
+        t = 1, and its slope there is that of log(ᾱ/(1 − ᾱ)).
+        """
+        table = self.log_snr_table
+        T = self.num_timesteps
+        t = t.to(device=table.device, dtype=table.dtype).clamp(0.0, 1.0)
+        position = t * T - 1.0  # fractional index: index i sits at t = (i + 1)/T
+        # t = (i + 1)/T rounds, and so does t·T: snap to the grid point, keeping d(position)/dt.
+        nearest = position.detach().round()
+        snap = (position.detach() - nearest).abs() <= 4 * torch.finfo(table.dtype).eps * T
+        position = position + torch.where(snap, nearest - position.detach(), 0.0)
+        index = position.detach().floor().clamp(0, T - 2)
+        frac = position - index  # in [−1, 1]; below 0 only before the first grid point
+        i = index.long()
+        left, right = table[i], table[i + 1]
+        if not self.zero_terminal_snr:
+            return torch.lerp(left, right, frac), (right - left) * T
+        last = i == T - 2
+        right = torch.where(last, left, right)
+        # λ_{T−1} = −∞: interpolate ᾱ to 0 on the last segment (lerp towards −∞ would give NaN).
+        abar = (1.0 - frac.clamp(min=0.0)) * self.alphas_cumprod[T - 2]
+        last_lam = torch.where(frac > 0, abar.log() - torch.log1p(-abar), left)
+        # d/dt log(ᾱ/(1 − ᾱ)) = ᾱ′/(ᾱ(1 − ᾱ)), ᾱ′ = −T·ᾱ_{T−2}
+        last_slope = -T * self.alphas_cumprod[T - 2] / (abar * (1.0 - abar))
+        return (
+            torch.where(last, last_lam, torch.lerp(left, right, frac)),
+            torch.where(last, last_slope, (right - left) * T),
+        )
 
     def gamma(self, t: torch.Tensor) -> torch.Tensor:
         """VDM's γ(t) = −λ(t) = log(σ²/α²), increasing in t (see :meth:`log_snr` for ``t``)."""
@@ -343,38 +506,31 @@ class Schedule(nn.Module):
         indices, √sigmoid(λ(t)) at continuous t (see :meth:`log_snr`)."""
         if not t.is_floating_point():
             return self.sqrt_alphas_cumprod[t]
-        return torch.sigmoid(self._interpolated_log_snr(t)).sqrt()
+        return torch.sigmoid(self.log_snr(t)).sqrt()
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """σ = √(1 − ᾱ), the noise scale: the ``sqrt_one_minus_alphas_cumprod`` table at
         indices, √sigmoid(−λ(t)) at continuous t (see :meth:`log_snr`)."""
         if not t.is_floating_point():
             return self.sqrt_one_minus_alphas_cumprod[t]
-        return torch.sigmoid(-self._interpolated_log_snr(t)).sqrt()
+        return torch.sigmoid(-self.log_snr(t)).sqrt()
 
-    def _interpolated_log_snr(self, t: torch.Tensor) -> torch.Tensor:
-        """λ(t) at continuous times ``t`` (see :meth:`log_snr`)."""
-        table = self.log_snr_table
-        T = self.num_timesteps
-        t = t.to(device=table.device, dtype=table.dtype).clamp(0.0, 1.0)
-        position = t * T - 1.0  # fractional index: index i sits at t = (i + 1)/T
-        # t = (i + 1)/T rounds, and so does t·T: snap to the grid point, keeping d(position)/dt.
-        nearest = position.detach().round()
-        snap = (position.detach() - nearest).abs() <= 4 * torch.finfo(table.dtype).eps * T
-        position = position + torch.where(snap, nearest - position.detach(), 0.0)
-        index = position.detach().floor().clamp(0, T - 2)
-        frac = position - index  # in [−1, 1]; below 0 only before the first grid point
-        i = index.long()
-        left, right = table[i], table[i + 1]
-        if not self.zero_terminal_snr:
-            return torch.lerp(left, right, frac)
-        last = i == T - 2
-        # λ_{T−1} = −∞: interpolate ᾱ to 0 on the last segment (lerp towards −∞ would give NaN).
-        abar = (1.0 - frac.clamp(min=0.0)) * self.alphas_cumprod[T - 2]
-        last_segment = torch.where(frac > 0, abar.log() - torch.log1p(-abar), left)
-        return torch.where(
-            last, last_segment, torch.lerp(left, torch.where(last, left, right), frac)
-        )
+    def at(self, t: torch.Tensor) -> ScheduleAt:
+        """The forward process at one batch of continuous times ``t`` ``[B]`` (λ computed once).
+
+        Continuous-time training and the continuous bound read the schedule through this view,
+        so a learned schedule's γ_η is evaluated once per batch and every use of it (x_t, the
+        network's noise input, the loss weight) shares it.
+        """
+        lam, slope = self.log_snr_and_slope(t)
+        return ScheduleAt(lam, slope, self)
+
+    def endpoint_log_snrs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(λ(0), λ(1)) as 0-d tensors: the decoder's and the prior's noise levels in continuous
+        time (for a learned schedule, its parameters −γ₀ and −γ₁, so they train on the bound)."""
+        ends = torch.tensor([0.0, 1.0], dtype=self.dtype, device=self.device)
+        lam = self.log_snr(ends)
+        return lam[0], lam[1]
 
     def extra_repr(self) -> str:
         return f"T={self.num_timesteps}"
@@ -537,6 +693,12 @@ def make_schedule(
         schedule = cls(int(num_timesteps), dtype=dtype, **kwargs)
     except TypeError as err:
         raise ValueError(f"bad parameters {kwargs} for schedule {name!r}: {err}") from None
+    if zero_terminal_snr and schedule.continuous_only:
+        raise ValueError(
+            f"schedule={name} with zero_terminal_snr=true: a schedule defined in continuous "
+            "time has finite endpoints γ₀ < γ₁ (SNR(1) = exp(−γ₁) > 0); set "
+            "schedule.zero_terminal_snr=false"
+        )
     return ZeroTerminalSNRSchedule(schedule) if zero_terminal_snr else schedule
 
 

@@ -1,5 +1,5 @@
 """Which timesteps a training batch sees: uniform, importance-sampled by the loss (Improved DDPM),
-or EDM's log-normal density over σₜ.
+or EDM's log-normal density over σₜ; in continuous time, VDM's low-discrepancy uniform t ∈ [0, 1).
 
 ``sample(batch_size, device, generator)`` returns ``(t [B] long, weights [B] float)``; multiply the
 per-example loss by ``weights``. An importance sampler (``importance_weighted = True``) returns
@@ -21,6 +21,7 @@ __all__ = [
     "TIMESTEP_SAMPLERS",
     "EDMLogNormalSampler",
     "LossSecondMomentSampler",
+    "LowDiscrepancySampler",
     "TimestepSampler",
     "UniformSampler",
     "make_timestep_sampler",
@@ -165,6 +166,26 @@ class EDMLogNormalSampler(TimestepSampler):
         return t, torch.ones(batch_size, device=device)
 
 
+class LowDiscrepancySampler(TimestepSampler):
+    """Continuous t ~ U(0, 1) for a batch of k, VDM's low-discrepancy draw: tᵢ = (u₀ + i/k) mod 1
+    with one u₀ ~ U(0, 1) per batch (per rank), so each tᵢ is uniform and the batch covers [0, 1)
+    evenly. Returns float ``t [B]`` (continuous time) and weights of one."""
+
+    importance_weighted = False
+    continuous = True
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+    def probabilities(self, device):
+        raise ValueError("continuous time has no table of timestep probabilities: t ~ U(0, 1)")
+
+    def sample(self, batch_size, device, generator=None):
+        start = torch.rand((), device=device, generator=generator)
+        offsets = torch.arange(batch_size, device=device, dtype=start.dtype) / batch_size
+        return torch.remainder(start + offsets, 1.0), torch.ones(batch_size, device=device)
+
+
 #: Names of :func:`make_timestep_sampler`.
 TIMESTEP_SAMPLERS: tuple[str, ...] = ("uniform", "loss_second_moment", "edm_lognormal")
 
@@ -173,14 +194,26 @@ def make_timestep_sampler(
     name: str,
     num_timesteps: int | Schedule,
     alphas_cumprod: torch.Tensor | None = None,
+    continuous: bool = False,
     **kwargs: float,
 ) -> TimestepSampler:
     """``uniform``, ``loss_second_moment`` (alias ``importance``) or ``edm_lognormal``.
 
     ``num_timesteps`` is the :class:`~ddpm.diffusion.schedule.Schedule` (T and ᾱ from it) or
     just T; then ``alphas_cumprod`` (ᾱ ``[T]``) is needed by ``edm_lognormal``. ``kwargs`` go to
-    the sampler (``history_per_term``, ``uniform_prob``; ``p_mean``, ``p_std``).
+    the sampler (``history_per_term``, ``uniform_prob``; ``p_mean``, ``p_std``). With
+    ``continuous`` (``time=continuous``) ``uniform`` is the :class:`LowDiscrepancySampler` and
+    the other samplers, densities over the T indices, are refused.
     """
+    if continuous:
+        if name != "uniform" or kwargs:
+            raise ValueError(
+                f"module.timestep_sampler={name} with time=continuous: that sampler is a "
+                "density over the T timestep indices; continuous time draws t ~ U(0, 1) "
+                "(VDM's low-discrepancy sampler). Use module.timestep_sampler=uniform, or "
+                "time=discrete"
+            )
+        return LowDiscrepancySampler()
     if isinstance(num_timesteps, Schedule):
         if alphas_cumprod is None:
             alphas_cumprod = num_timesteps.tables_float64["alphas_cumprod"]

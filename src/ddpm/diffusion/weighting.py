@@ -39,6 +39,7 @@ import torch
 
 from ddpm.diffusion.protocols import Composition
 from ddpm.diffusion.registry import register as _register
+from ddpm.diffusion.schedule import ScheduleAt
 
 __all__ = [
     "WEIGHTINGS",
@@ -74,11 +75,17 @@ class Weighting:
     """Base class: :meth:`table` gives w(t) on the ε-MSE for every t, float64 ``[T]``."""
 
     name: str = ""
+    #: Whether :meth:`continuous` gives w at continuous t (``time=continuous``).
+    continuous_form: bool = True
 
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if register:
             _register(WEIGHTINGS, "weighting", cls)
+
+    def continuous(self, at: ScheduleAt) -> torch.Tensor:
+        """w ``[B]`` at one batch of continuous times, from its λ and dλ/dt (``time=continuous``)."""
+        raise NotImplementedError(f"weighting={self.name} has no continuous-time form")
 
     def table(self, d: Composition) -> torch.Tensor:
         """w(t) ``[T]`` float64 on the host, from ``d.schedule``'s float64 tables (and, for
@@ -109,6 +116,11 @@ class ELBOWeighting(Weighting):
 
     name = "elbo"
 
+    def continuous(self, at):
+        # The continuous bound's weight, ½γ′(t)/ln 2 (bits/dim): the whole L_∞ per draw of t,
+        # T times the average of the discrete per-step weights.
+        return 0.5 * at.dgamma / math.log(2.0)
+
     def table(self, d):
         betas = d.schedule.betas_float64
         abar = _alphas_cumprod(d)
@@ -130,6 +142,10 @@ class MinSNRWeighting(Weighting):
             raise ValueError(f"gamma={gamma}: min-SNR needs gamma > 0 (the paper uses 5)")
         self.gamma = float(gamma)
 
+    def continuous(self, at):
+        s = at.lam.exp()
+        return s.clamp(max=self.gamma) / s
+
     def table(self, d):
         s = snr(_alphas_cumprod(d))
         return s.clamp(max=self.gamma) / s
@@ -145,6 +161,9 @@ class P2Weighting(Weighting):
             raise ValueError(f"k={k}, gamma={gamma}: P2 needs k > 0 and gamma >= 0")
         self.k, self.gamma = float(k), float(gamma)
 
+    def continuous(self, at):
+        return (self.k + at.lam.exp()).pow(-self.gamma)
+
     def table(self, d):
         return (self.k + snr(_alphas_cumprod(d))).pow(-self.gamma)
 
@@ -156,6 +175,9 @@ class SigmoidWeighting(Weighting):
 
     def __init__(self, shift: float = 0.0) -> None:
         self.shift = float(shift)
+
+    def continuous(self, at):
+        return 0.5 * torch.sigmoid(self.shift - at.lam) * at.dgamma
 
     def table(self, d):
         lam = d.schedule.log_snr_float64
@@ -174,6 +196,9 @@ class EDMWeighting(Weighting):
         if not sigma_data > 0:
             raise ValueError(f"sigma_data={sigma_data}: must be > 0 (EDM uses 0.5)")
         self.sigma_data = float(sigma_data)
+
+    def continuous(self, at):
+        return 1.0 + torch.exp(-at.lam) / self.sigma_data**2
 
     def table(self, d):
         return 1.0 + 1.0 / (self.sigma_data**2 * snr(_alphas_cumprod(d)))
@@ -235,6 +260,8 @@ def effective_weighting(
             f"loss=vlb with variance={d.variance.name}: the bound's weight on the "
             "ε-MSE depends on the learned variance; use a fixed variance"
         )
+    if d.time.continuous:
+        return _continuous_effective_weighting(d)
     # loss=vlb is the ELBO weighting; simple and hybrid (whose bound term has the mean
     # detached) train the mean with the configured weighting, `none` being the plain MSE.
     weight = (ELBOWeighting() if d.loss.name == "vlb" else d.weighting).table(d)
@@ -257,4 +284,35 @@ def effective_weighting(
         "effective_log_snr": torch.where(
             log_snr_density > 0, weight * log_snr_density, torch.zeros_like(weight)
         ),
+    }
+
+
+@torch.no_grad()
+def _continuous_effective_weighting(d: Composition) -> dict[str, torch.Tensor]:
+    """:func:`effective_weighting` in continuous time, at the grid tᵢ = (i + 1)/T: t ~ U(0, 1),
+    so each index stands for 1/T of the time (``density`` 1/T) and the density of λ is
+    1/|dλ/dt|. ``loss=vlb`` weights the ε-MSE by ½γ′(t)/ln 2, the whole continuous bound per
+    draw of t (T times the discrete bound's per-step weight), i.e. uniformly in λ."""
+    schedule = d.schedule
+    T = d.num_timesteps
+    times = (torch.arange(T, dtype=torch.float64) + 1.0) / T
+    at = schedule.at(times.to(device=schedule.device, dtype=schedule.dtype))
+    lam = at.lam.detach().double().cpu()
+    slope = at.slope.detach().double().cpu()
+    if d.loss.name == "vlb":
+        weight = 0.5 * (-slope) / math.log(2.0)
+    elif d.weighting.name == "none":
+        weight = d.parameterization.eps_weight(schedule.betas_float64)
+    else:
+        weight = d.weighting.continuous(at).detach().double().cpu()
+    density = torch.full((T,), 1.0 / T, dtype=torch.float64)
+    log_snr_density = 1.0 / slope.abs()
+    return {
+        "t": torch.arange(T),
+        "log_snr": lam,
+        "weight": weight,
+        "density": density,
+        "effective": weight * density,
+        "log_snr_density": log_snr_density,
+        "effective_log_snr": weight * log_snr_density,
     }

@@ -90,7 +90,8 @@ class BitsPerDim(Metric):
     estimator's noise), ``nll_prior_bpd`` (mean L_T, exact for both estimators),
     ``nll_num_images``; for ``full`` also ``nll_decoder_bpd`` (mean L₀; ``_unclipped`` appended
     when unclipped) and ``terms_bpd`` (float64
-    ``[T]``, mean Lₜ per timestep index, index 0 = decoder: an array, not a metric); for
+    ``[T]``, mean Lₜ per timestep index, index 0 = decoder: an array, not a metric; in continuous
+    time stratum i's share of the diffusion loss, the decoder given apart); for
     ``stratified`` also ``B_estimator_stderr`` = √(Σᵢ Varᵢ)/n from the per-image collapsed-strata
     variances.
 
@@ -132,7 +133,7 @@ class BitsPerDim(Metric):
         self.num_timesteps = int(num_timesteps)
         f64 = torch.float64
         self.add_state("count", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
-        for name in ("total_sum", "total_sq_sum", "prior_sum", "estimator_var_sum"):
+        for name in ("total_sum", "total_sq_sum", "prior_sum", "decoder_sum", "estimator_var_sum"):
             self.add_state(name, torch.zeros((), dtype=f64), dist_reduce_fx="sum")
         terms = self.num_timesteps if estimator == "full" else 0
         self.add_state("terms_sum", torch.zeros(terms, dtype=f64), dist_reduce_fx="sum")
@@ -192,7 +193,13 @@ class BitsPerDim(Metric):
         self.total_sq_sum += total.square().sum()
         self.prior_sum += out["prior"].to(self.device, torch.float64).sum()
         if self.estimator == "full":
-            self.terms_sum += out["terms"].to(self.device, torch.float64).sum(dim=0)
+            terms = out["terms"].to(self.device, torch.float64)
+            self.terms_sum += terms.sum(dim=0)
+            # Continuous time: the decoder beside the terms (which share out the diffusion loss).
+            decoder = (
+                out["decoder"].to(self.device, torch.float64) if "decoder" in out else terms[:, 0]
+            )
+            self.decoder_sum += decoder.sum()
         elif self.estimator == "stratified" or self._has_estimator_stderr():
             self.estimator_var_sum += out["stderr"].to(self.device, torch.float64).square().sum()
         if self.report_cost:
@@ -234,8 +241,8 @@ class BitsPerDim(Metric):
         result["nll_num_images"] = n
         if self.estimator == "full":
             terms = (self.terms_sum / n).cpu().numpy()
-            result["nll_decoder_bpd" + ("" if self.clip_denoised else "_unclipped")] = float(
-                terms[0]
+            result["nll_decoder_bpd" + ("" if self.clip_denoised else "_unclipped")] = (
+                float(self.decoder_sum) / n
             )
             result["terms_bpd"] = terms
         else:

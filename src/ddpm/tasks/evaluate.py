@@ -62,7 +62,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     variance = apply_configured_variance(cfg, module.diffusion, module.ema_net, run_cfg)
     analytic, analytic_info = None, {}
     if likelihoods and any(spec.variance == "analytic" for spec in likelihoods):
-        analytic, analytic_info = prepare_analytic(cfg, module.diffusion, module.ema_net, run_cfg)
+        analytic, analytic_info = prepare_analytic(
+            cfg, module.ema_diffusion, module.ema_net, run_cfg
+        )
     speed = speed_options(cfg.get("speed"))
     module.ema.ema_net = fast_inference_net(module.ema.ema_net, **speed)
     data_node = run_cfg.data if run_cfg is not None else cfg.pretrained_data

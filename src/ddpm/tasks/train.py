@@ -347,7 +347,7 @@ def _final_evaluation(
     if num_samples > 0:
         generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + 1)
         shape = (num_samples, *module.image_shape)
-        samples = module.diffusion.sample(
+        samples = module.ema_diffusion.sample(
             module.ema_net, shape, generator=generator, clip_denoised=True
         )
         finite = bool(torch.isfinite(samples).all())
