@@ -9,7 +9,7 @@ STAMP := $(VENV)/.stamp-install
 # The optional extras (W&B dashboard, Optuna search): only the tests and their own targets need them.
 STAMP_EXTRAS := $(VENV)/.stamp-extras
 
-.PHONY: help install quickstart test test-all lint format ablation ablation-cpu objectives objectives-cpu ablation-samplers table bench sampler-table dashboard search clean
+.PHONY: help install quickstart test test-all lint format ablation ablation-cpu objectives objectives-cpu vdm-cpu ablation-samplers table bench sampler-table dashboard search clean
 
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ ABLATION_EXPERIMENTS := table2_mu_vlb_learned,table2_mu_vlb_fixed,table2_mu_simp
 # The objectives-as-weightings rows (docs/objectives.md), compared with table2_eps_simple.
 OBJECTIVE_EXPERIMENTS := obj_eps_min_snr,obj_v_min_snr,obj_eps_p2,obj_v_sigmoid,obj_edm,obj_v_zero_snr
 OBJECTIVE_SEEDS ?= 0,1,2
+# The VDM rows (docs/objectives.md): their schedule is part of the objective, so they run without
+# the sweep's schedule=... (learned, and cosine's continuous log SNR).
+VDM_EXPERIMENTS := vdm_learned,vdm_cosine
 SCHEDULES ?= linear,cosine
 SEEDS ?= 0
 # Extra Hydra overrides, e.g. ABLATION_ARGS='hydra/launcher=submitit_slurm trainer=ddp'.
@@ -102,6 +105,17 @@ objectives: install  ## the weighting rows + ε/L_simple at paper scale (GPU clu
 
 objectives-cpu: install  ## the weighting rows + ε/L_simple on the digits (the CPU study's protocol), then the table
 	$(MAKE) ablation-cpu CPU_EXPERIMENTS=table2_eps_simple$(comma)$(OBJECTIVE_EXPERIMENTS)
+
+vdm-cpu: install  ## the two VDM rows, CPU study protocol, CPU_SEEDS seeds, one stream each (resumable): SWEEP=<dir>
+	@dir=$(or $(SWEEP),logs/vdm_cpu/multiruns/$(NOW)); mkdir -p $$dir; echo "sweep: $$dir (after a crash: make vdm-cpu SWEEP=$$dir)"; \
+	pids=""; status=0; trap 'kill $$pids 2>/dev/null; exit 130' INT TERM; \
+	for exp in $$(echo "$(VDM_EXPERIMENTS)" | tr ',' ' '); do \
+		OMP_NUM_THREADS=$(CPU_THREADS) $(CPU_MALLOC) $(PY) src/train.py -m experiment=$$exp \
+			seed=$(CPU_SEEDS) +scale=cpu resume=true hydra.sweep.dir=$$dir/$$exp $(ABLATION_ARGS) \
+			>> $$dir/$$exp.log 2>&1 & pids="$$pids $$!"; \
+	done; \
+	for pid in $$pids; do wait $$pid || status=1; done; \
+	$(PY) -m ddpm.ablation $$dir $(TABLE_ARGS); exit $$status
 
 # Samplers a sweep's checkpoints are re-evaluated with (name:steps), for the ranking-by-sampler table.
 SAMPLERS ?= ddim:50 dpmpp_2m:15

@@ -46,6 +46,13 @@ WEIGHTING_EXPERIMENTS = {
 }
 
 
+# The VDM rows → (schedule, variant): ε prediction, fixed_large (for the samplers), the bound.
+VDM_EXPERIMENTS = {
+    "vdm_learned": ("learned", "continuous"),
+    "vdm_cosine": ("cosine", "continuous"),
+}
+
+
 # ---------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
 def test_experiment_config_sets_its_objective_and_nothing_else(compose_cfg, experiment):
@@ -82,6 +89,17 @@ def test_weighting_experiments_set_their_objective(compose_cfg, experiment):
     assert ablation.objective_variant(paper) == variant
 
 
+@pytest.mark.parametrize("experiment", sorted(VDM_EXPERIMENTS))
+def test_vdm_experiments_set_their_schedule_and_continuous_time(compose_cfg, experiment):
+    schedule, variant = VDM_EXPERIMENTS[experiment]
+    cfg = compose_cfg(f"experiment={experiment}", "+scale=cpu", tiny=False)
+    assert cfg.schedule.name == schedule and cfg.time.name == "continuous"
+    assert ablation.objective_variant(cfg) == variant
+    diffusion = build_diffusion(cfg)
+    assert diffusion.time.continuous and diffusion.loss.name == "vlb"
+    assert diffusion.schedule.learnable == (schedule == "learned")
+
+
 def test_the_rows_come_from_the_experiment_configs():
     """Every experiment but the quickstart is a row, in its table_row.order; the Makefile's
     lists name them; the keys are what the composed configs train."""
@@ -89,13 +107,17 @@ def test_the_rows_come_from_the_experiment_configs():
         p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml") if p.stem != "quickstart"
     }
     rows = ablation.objectives()
-    assert [o.experiment for o in rows] == [*EXPERIMENTS, *WEIGHTING_EXPERIMENTS]
+    assert [o.experiment for o in rows] == [*EXPERIMENTS, *WEIGHTING_EXPERIMENTS, *VDM_EXPERIMENTS]
     assert files == {o.experiment for o in rows}
     assert {o.experiment: o.key for o in rows} == {
         **{name: (*key, "none", "") for name, key in EXPERIMENTS.items()},
         **{
             name: (p, "fixed_large", "simple", w, variant)
             for name, (p, w, variant) in WEIGHTING_EXPERIMENTS.items()
+        },
+        **{
+            name: ("eps", "fixed_large", "vlb", "none", variant)
+            for name, (_, variant) in VDM_EXPERIMENTS.items()
         },
     }
     by_name = {o.experiment: o for o in rows}
@@ -106,6 +128,7 @@ def test_the_rows_come_from_the_experiment_configs():
     for variable, names in (
         ("ABLATION_EXPERIMENTS", EXPERIMENTS),
         ("OBJECTIVE_EXPERIMENTS", WEIGHTING_EXPERIMENTS),
+        ("VDM_EXPERIMENTS", VDM_EXPERIMENTS),
     ):
         match = re.search(rf"^{variable} := (.+)$", makefile, flags=re.MULTILINE)
         assert match is not None and match.group(1).split(",") == list(names), variable
@@ -698,6 +721,32 @@ def test_delta_column_pairs_by_seed_and_marks_resolved(tmp_path):
     # mean 1.0, s = 0.2, half-width t₀.₉₇₅,₂·0.2/√3 = 0.4968; nll: mean 0, s = 0.1, 0.2484.
     assert row[DELTA_FD] == "+1.00 [+0.50, +1.50] ✓ (n=3)"
     assert row[DELTA_NLL] == "+0.000 [-0.248, +0.248] (n=3)"
+
+
+def test_a_continuous_row_without_its_own_baseline_is_compared_with_the_linear_one(tmp_path):
+    """VDM's learned-schedule row has no baseline of its schedule: its Δ is against ε + L_simple
+    on the linear schedule, paired by seed (nll −0.5, −0.7, −0.6: mean −0.6, s = 0.1, half-width
+    t₀.₉₇₅,₂·0.1/√3 = 0.2484)."""
+    root = tmp_path / "sweep"
+    for seed in range(3):
+        _run(root, f"{seed}-eps", EPS_SIMPLE, "linear", seed, {FD: 10.0, "nll_bpd": 4.6})
+        path = _run(
+            root,
+            f"{seed}-vdm",
+            EPS_VLB,
+            "learned",
+            seed,
+            {FD: 50.0, "nll_bpd": 4.6 + [-0.5, -0.7, -0.6][seed]},
+        )
+        config = yaml.safe_load((path / ".hydra" / "config.yaml").read_text())
+        config["time"] = {"name": "continuous"}
+        (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    table = ablation.build_table([ablation.classify_run(p) for p in ablation.find_runs(root)])
+    row = next(r for r in table.rows if r.schedule == "learned")
+    assert row.variant == "continuous"
+    nll = row.delta["nll"]
+    assert nll.mean == pytest.approx(-0.6) and nll.n == 3 and nll.resolved
+    assert nll.high - nll.mean == pytest.approx(0.2484, abs=1e-4)
 
 
 def test_noise_decomposition_from_re_evaluations(tmp_path):

@@ -40,7 +40,9 @@ def test_groups_offer_the_documented_choices():
     # analytic: Analytic-DPM's variance of a trained model, for eval.py/sample.py only.
     assert _group_choices("variance") == sorted([*VARIANCES, "analytic"])
     assert _group_choices("loss") == sorted(LOSSES)
-    assert _group_choices("schedule") == sorted(SCHEDULES)
+    # learned: VDM's γ_η (continuous time only; its own tests in tests/test_vdm.py).
+    assert _group_choices("schedule") == sorted([*SCHEDULES, "learned"])
+    assert _group_choices("time") == ["continuous", "discrete"]
     assert {"cifar10", "digits", "folder"} <= set(_group_choices("data"))
     assert {"ddpm_cifar10", "small", "tiny"} <= set(_group_choices("model"))
     assert {"default", "cpu", "gpu", "ddp"} <= set(_group_choices("trainer"))
@@ -54,6 +56,7 @@ def test_groups_offer_the_documented_choices():
         "variance",
         "loss",
         "schedule",
+        "time",
         "data",
         "model",
         "trainer",

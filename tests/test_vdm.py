@@ -8,6 +8,7 @@ beside each comparison.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -437,3 +438,56 @@ def test_the_effective_weighting_of_the_continuous_bound_is_flat_in_log_snr() ->
         flat = torch.full_like(curves["effective_log_snr"], 0.5 / math.log(2))
         torch.testing.assert_close(curves["effective_log_snr"], flat, rtol=1e-6, atol=0)
         assert (curves["density"] == 1 / 50).all()
+
+
+def test_sample_and_eval_run_on_a_continuous_checkpoint(compose_cfg, tmp_path) -> None:
+    """sample.py with the ancestral (5 of T steps), DDIM and DPM-Solver++ samplers and eval.py
+    with the continuous bound's stratified estimate, on a learned-schedule checkpoint."""
+    import numpy as np
+
+    from test_cli import run
+
+    train(compose_cfg("schedule=learned", "loss=vlb", "schedule.hidden=16"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    for sampler, steps in (("ancestral", 5), ("ddim", 4), ("dpmpp_2m", 4)):
+        out = tmp_path / f"samples_{sampler}"
+        proc = run(
+            ["src/sample.py", f"ckpt_path={ckpt}", "num_samples=4", f"sampler={sampler}",
+             f"steps={steps}", f"hydra.run.dir={out}", f"paths.log_dir={tmp_path / 'logs'}"],
+            tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        images = np.load(out / "samples.npz")["images"]
+        assert images.shape == (4, 8, 8, 1)
+    out = tmp_path / "eval"
+    proc = run(
+        ["src/eval.py", f"ckpt_path={ckpt}", "sample_quality.enabled=false", "nll.num_images=3",
+         "nll.estimator=stratified", "nll.num_terms=4", f"hydra.run.dir={out}",
+         f"paths.log_dir={tmp_path / 'logs'}"],
+        tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(result["nll_bpd_k4"]) and result["nll_bpd_k4_stderr"] > 0
+
+
+def test_loss_variance_table_pairs_the_rows_by_seed(tmp_path, capsys) -> None:
+    """Two rows × 2 seeds of logged train/diffusion_var; the second row's late variance is 4×
+    then 9× the first's: the ratio's geometric mean is 6 (exp of the mean log ratio)."""
+    from ddpm.ablation.loss_variance import late_variances, main
+
+    def write(sweep: Path, seed: int, values: list[float]) -> None:
+        run = sweep / f"{seed}-row" / "csv" / "version_0"
+        run.mkdir(parents=True)
+        lines = ["step,train/diffusion_var"] + [f"{10 * (i + 1)},{v}" for i, v in enumerate(values)]
+        (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+    for seed, factor in ((0, 4.0), (1, 9.0)):
+        write(tmp_path / "learned", seed, [5.0, 5.0, 5.0, 1.0])
+        write(tmp_path / "cosine", seed, [5.0, 5.0, 5.0, factor])
+    late = late_variances(tmp_path / "learned")
+    assert late[0]["late_mean"] == 1.0 and late[1]["steps"] == [10, 20, 30, 40]
+    assert main([str(tmp_path / "learned"), str(tmp_path / "cosine"), "--out", str(tmp_path)]) == 0
+    ratio = json.loads((tmp_path / "loss-variance.json").read_text())["ratio"]["mean_ci95"]
+    assert ratio[0] == pytest.approx(6.0) and ratio[1] < 6.0 < ratio[2]
+    assert (tmp_path / "loss-variance.png").is_file()

@@ -331,7 +331,8 @@ def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
         f"initial weights where shapes allow, the data order and the evaluation's x_T), mean "
         f"and paired-t {LEVEL:.0%} interval. `{RESOLVED}`: resolved, the interval excludes "
         "zero; without the mark the difference is not resolved at this number of seeds. "
-        "Negative is better for both.",
+        "Negative is better for both. A continuous-time row (VDM) whose schedule is part of "
+        "its objective and has no baseline of its own is compared with the linear schedule's.",
         f"- `{DIVERGED}`: every finished run of the row was unstable, the paper's \"unstable "
         'training and poor samples with out-of-range scores" stated from scores and training: '
         "a non-finite training loss (`diverged`), non-finite samples or bound, or a Fréchet "

@@ -298,10 +298,15 @@ def build_table(
 
 def _paired_deltas(rows: Sequence[TableRow], keys: dict[str, str | None]) -> None:
     """Fill ``row.delta``: each row minus the :data:`BASELINE_KEY` row of its schedule, paired
-    by seed (:func:`~ddpm.ablation.stats.paired_difference`)."""
+    by seed (:func:`~ddpm.ablation.stats.paired_difference`). A continuous-time row, whose
+    schedule is part of its objective (``variant`` ``continuous``, e.g. VDM's learned
+    schedule), is compared with the baseline of :data:`PAPER_SCHEDULE` when its own schedule
+    has none."""
     baselines = {r.schedule: r for r in rows if r.is_baseline}
     for row in rows:
         base = baselines.get(row.schedule)
+        if base is None and "continuous" in row.variant.split("+"):
+            base = baselines.get(PAPER_SCHEDULE)
         row.delta = {}
         for name, key in keys.items():
             if base is None or base is row:

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from ddpm.diffusion.protocols import Diffusion, Net
-from ddpm.diffusion.schedule import MARGINAL_TABLES, Schedule
+from ddpm.diffusion.schedule import MARGINAL_TABLES, Schedule, ScheduleAt
 from ddpm.errors import ConfigError
 
 __all__ = [
@@ -201,53 +201,34 @@ class LogSNRTime:
         return ContinuousTables(schedule, lam, self.timestep(lam))
 
 
-class ContinuousTables:
+class ContinuousTables(ScheduleAt):
     """A schedule's tables at continuous log SNRs, shaped as a parameterisation reads them.
 
     Parameterisations read the schedule through ``schedule.extract(table, t, like)``,
     ``schedule.pred_eps_from_x0`` and ``schedule.q_posterior_mean``; this object answers them in
     the schedule's place for a batch at log SNRs ``lam`` ``[B]`` and fractional indices
-    ``timestep`` ``[B]`` (the ``t`` they are called with). Functions of ᾱ are exact in λ; any
-    other table is linearly interpolated in the fractional index.
+    ``timestep`` ``[B]`` (the ``t`` they are called with). Functions of ᾱ are exact in λ
+    (:class:`~ddpm.diffusion.schedule.ScheduleAt`); any other table is linearly interpolated in
+    the fractional index.
     """
 
     def __init__(self, schedule: Schedule, lam: torch.Tensor, timestep: torch.Tensor) -> None:
+        super().__init__(lam, torch.full_like(lam, math.nan), schedule)  # dλ/dt is not used
         self.schedule = schedule
-        self.lam = lam
         self.timestep = timestep
 
     def extract(self, table: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``table`` at this batch's λ, ``[B, 1, …, 1]`` in ``like``'s dtype (``t`` is ignored:
         it is this object's ``timestep``)."""
         if table in MARGINAL_TABLES:
-            values = MARGINAL_TABLES[table](self.lam)
-        else:
-            values = getattr(self.schedule, table)
-            tau = self.timestep.to(
-                torch.float64 if values.dtype == torch.float64 else torch.float32
-            )
-            i = tau.floor().long().clamp(0, values.numel() - 2)
-            frac = (tau - i.to(tau.dtype)).to(values.dtype)
-            left = values[i]
-            values = torch.where(frac > 0, torch.lerp(left, values[i + 1], frac), left)
+            return super().extract(table, t, like)
+        values = getattr(self.schedule, table)
+        tau = self.timestep.to(torch.float64 if values.dtype == torch.float64 else torch.float32)
+        i = tau.floor().long().clamp(0, values.numel() - 2)
+        frac = (tau - i.to(tau.dtype)).to(values.dtype)
+        left = values[i]
+        values = torch.where(frac > 0, torch.lerp(left, values[i + 1], frac), left)
         return values.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
-
-    def q_posterior_mean(
-        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> torch.Tensor:
-        """μ̃(x_t, x₀) with the posterior coefficients interpolated at this batch's index."""
-        return (
-            self.extract("posterior_mean_coef1", t, x_t) * x0
-            + self.extract("posterior_mean_coef2", t, x_t) * x_t
-        )
-
-    def pred_eps_from_x0(
-        self, x_t: torch.Tensor, t: torch.Tensor, pred_x0: torch.Tensor
-    ) -> torch.Tensor:
-        """ε̂ = (x_t − α x̂₀)/σ at this batch's λ."""
-        alpha = self.extract("sqrt_alphas_cumprod", t, x_t)
-        sigma = self.extract("sqrt_one_minus_alphas_cumprod", t, x_t)
-        return (x_t - alpha * pred_x0) / sigma
 
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -43,6 +43,7 @@ __all__ = [
     "TABLE_NAMES",
     "BetaSchedule",
     "CosineSchedule",
+    "ForwardProcess",
     "LinearSchedule",
     "QuadSchedule",
     "Schedule",
@@ -174,7 +175,45 @@ class ScheduleTables(Protocol):
         ...
 
 
-class ScheduleAt:
+class ForwardProcess:
+    """q(x_t | x₀), the posterior mean and ε̂ from x̂₀, written once against :meth:`extract`:
+    shared by :class:`Schedule` (tables at indices) and its views at continuous times
+    (:class:`ScheduleAt`, and the ODE likelihood's tables)."""
+
+    def extract(self, table: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``table`` at ``t`` as ``[B, 1, …, 1]`` in ``like``'s dtype."""
+        raise NotImplementedError
+
+    def q_sample(
+        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x_t = √ᾱₜ x0 + √(1−ᾱₜ) ε ``[B, …]`` (ε ~ N(0, I) from torch's RNG when None)."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        return (
+            self.extract("sqrt_alphas_cumprod", t, x0) * x0
+            + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
+
+    def q_posterior_mean(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """μ̃ₜ(x_t, x0) ``[B, …]`` of q(x_{t−1} | x_t, x0)."""
+        return (
+            self.extract("posterior_mean_coef1", t, x_t) * x0
+            + self.extract("posterior_mean_coef2", t, x_t) * x_t
+        )
+
+    def pred_eps_from_x0(
+        self, x_t: torch.Tensor, t: torch.Tensor, pred_x0: torch.Tensor
+    ) -> torch.Tensor:
+        """ε̂ = (x_t − √ᾱₜ x̂₀)/√(1−ᾱₜ) ``[B, …]`` (finite at zero terminal SNR, where it is x_T)."""
+        return (x_t - self.extract("sqrt_alphas_cumprod", t, x_t) * pred_x0) / self.extract(
+            "sqrt_one_minus_alphas_cumprod", t, x_t
+        )
+
+
+class ScheduleAt(ForwardProcess):
     """A schedule's forward process at one batch of continuous times: λ ``[B]`` and dλ/dt ``[B]``.
 
     It answers what parameterisations read of a schedule (:class:`ScheduleTables`) from λ alone,
@@ -235,31 +274,6 @@ class ScheduleAt:
         values = MARGINAL_TABLES[table](self.lam)
         return values.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
-    def q_sample(
-        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x_t = α x0 + σ ε ``[B, …]``."""
-        if noise is None:
-            noise = torch.randn_like(x0)
-        return (
-            self.extract("sqrt_alphas_cumprod", t, x0) * x0
-            + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
-        )
-
-    def q_posterior_mean(
-        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> torch.Tensor:
-        """Not defined at one time (it needs the previous step): raises ``ValueError``."""
-        return self.extract("posterior_mean_coef1", t, x_t)
-
-    def pred_eps_from_x0(
-        self, x_t: torch.Tensor, t: torch.Tensor, pred_x0: torch.Tensor
-    ) -> torch.Tensor:
-        """ε̂ = (x_t − α x̂₀)/σ ``[B, …]``."""
-        return (x_t - self.extract("sqrt_alphas_cumprod", t, x_t) * pred_x0) / self.extract(
-            "sqrt_one_minus_alphas_cumprod", t, x_t
-        )
-
     def scale_shape_gradient(self, scale: torch.Tensor) -> None:
         """Multiply the gradient that reaches the schedule's shape through example i by
         ``scale[i]`` (``[B]``, no gradient); a no-op for a fixed schedule.
@@ -276,7 +290,7 @@ class ScheduleAt:
 
 
 # ---------------------------------------------------------------------------- the schedule object
-class Schedule(nn.Module):
+class Schedule(ForwardProcess, nn.Module):
     """A variance-preserving noise schedule over T discrete steps and continuous t ∈ [0, 1].
 
     The base class is the schedule of a given β table (what a respaced chain and a β table from
@@ -390,26 +404,6 @@ class Schedule(nn.Module):
         log_variance = self.extract("log_one_minus_alphas_cumprod", t, x0)
         return mean, variance, log_variance
 
-    def q_sample(
-        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x_t = √ᾱₜ x0 + √(1−ᾱₜ) ε ``[B, …]`` (ε ~ N(0, I) from torch's RNG when None)."""
-        if noise is None:
-            noise = torch.randn_like(x0)
-        return (
-            self.extract("sqrt_alphas_cumprod", t, x0) * x0
-            + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
-        )
-
-    def q_posterior_mean(
-        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> torch.Tensor:
-        """μ̃ₜ(x_t, x0) ``[B, …]`` of q(x_{t−1} | x_t, x0)."""
-        return (
-            self.extract("posterior_mean_coef1", t, x_t) * x0
-            + self.extract("posterior_mean_coef2", t, x_t) * x_t
-        )
-
     def q_posterior_mean_variance(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -418,14 +412,6 @@ class Schedule(nn.Module):
             self.q_posterior_mean(x0, x_t, t),
             self.extract("posterior_variance", t, x_t),
             self.extract("posterior_log_variance_clipped", t, x_t),
-        )
-
-    def pred_eps_from_x0(
-        self, x_t: torch.Tensor, t: torch.Tensor, pred_x0: torch.Tensor
-    ) -> torch.Tensor:
-        """ε̂ = (x_t − √ᾱₜ x̂₀)/√(1−ᾱₜ) ``[B, …]`` (finite at zero terminal SNR, where it is x_T)."""
-        return (x_t - self.extract("sqrt_alphas_cumprod", t, x_t) * pred_x0) / self.extract(
-            "sqrt_one_minus_alphas_cumprod", t, x_t
         )
 
     # ------------------------------------------------------------------ any time
@@ -528,7 +514,7 @@ class Schedule(nn.Module):
     def endpoint_log_snrs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(λ(0), λ(1)) as 0-d tensors: the decoder's and the prior's noise levels in continuous
         time (for a learned schedule, its parameters −γ₀ and −γ₁, so they train on the bound)."""
-        ends = torch.tensor([0.0, 1.0], dtype=self.dtype, device=self.device)
+        ends = torch.arange(2, dtype=self.dtype, device=self.device)  # made on the device
         lam = self.log_snr(ends)
         return lam[0], lam[1]
 

@@ -239,7 +239,8 @@ class LearnedSchedule(EndpointSchedule):
         return value, slope
 
     def shape(self, t):
-        ends, _ = self._unnormalised(torch.tensor([0.0, 1.0], device=self.w1.device))
+        # t = 0 and 1 made on the device: no host-to-device copy per training step
+        ends, _ = self._unnormalised(torch.arange(2, device=self.w1.device, dtype=self.w1.dtype))
         value, slope = self._unnormalised(t)
         width = ends[1] - ends[0]
         return (value - ends[0]) / width, slope / width
