@@ -48,7 +48,7 @@ WEIGHTING_EXPERIMENTS = {
 
 # The VDM rows → (schedule, variant): ε prediction, fixed_large (for the samplers), the bound.
 VDM_EXPERIMENTS = {
-    "vdm_learned": ("learned", "continuous"),
+    "vdm_learned": ("learned", "continuous+learned_schedule"),
     "vdm_cosine": ("cosine", "continuous"),
 }
 
@@ -743,7 +743,8 @@ def test_a_continuous_row_without_its_own_baseline_is_compared_with_the_linear_o
         (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     table = ablation.build_table([ablation.classify_run(p) for p in ablation.find_runs(root)])
     row = next(r for r in table.rows if r.schedule == "learned")
-    assert row.variant == "continuous"
+    assert row.variant == "continuous+learned_schedule"
+    assert row.experiment == "vdm_learned"  # not vdm_cosine, whose key is "continuous"
     nll = row.delta["nll"]
     assert nll.mean == pytest.approx(-0.6) and nll.n == 3 and nll.resolved
     assert nll.high - nll.mean == pytest.approx(0.2484, abs=1e-4)

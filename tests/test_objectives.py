@@ -18,7 +18,7 @@ def _inner(row: objectives.RowWeighting, low: float = -7.0, high: float = 7.0) -
 
 
 def test_every_row_has_a_finite_unit_area_curve(rows) -> None:
-    assert len(rows) == 15
+    assert len(rows) == 17  # Table 2 (9), the weightings (6), VDM (2)
     for row in rows.values():
         finite = np.isfinite(row.log_snr)
         assert np.isfinite(row.per_log_snr).all() and (row.per_log_snr >= 0).all()
@@ -79,4 +79,13 @@ def test_sigmoid_and_min_snr_follow_their_formulas_in_log_snr(rows) -> None:
 def test_the_figure_is_written(rows, tmp_path) -> None:
     fig = objectives.plot_weightings(list(rows.values()), tmp_path / "w.png")
     assert (tmp_path / "w.png").stat().st_size > 10_000
-    assert [len(ax.lines) for ax in fig.axes] == [9, 7]
+    assert [len(ax.lines) for ax in fig.axes] == [9, 9]  # + ε L_simple and the VDM rows
+
+
+def test_the_continuous_bound_rows_are_exactly_flat_between_their_endpoints(rows) -> None:
+    """VDM's rows: ½γ′ per unit t over |dλ/dt| per unit λ, so a constant, 1/(λ(0) − λ(1)) after
+    normalisation (rtol 1e-3: the learned schedule is float32)."""
+    for name in ("vdm_learned", "vdm_cosine"):
+        row = rows[name]
+        width = row.log_snr.max() - row.log_snr.min()
+        np.testing.assert_allclose(row.per_log_snr, 1.0 / width, rtol=1e-3)

@@ -358,6 +358,13 @@ def render_markdown(table: Table, sweep_dir: str | Path | None = None) -> str:
         "- Fixed isotropic Σ is `variance=fixed_large` (σₜ² = βₜ, the official CIFAR-10 "
         "setting); other variances appear as rows of their own (docs/ablation.md).",
     ]
+    if any("continuous" in row.variant.split("+") for row in table.rows):
+        lines.append(
+            "- Continuous-time rows (variant `continuous`, VDM): their NLL is VDM's continuous "
+            "bound, prior + decoder + the diffusion loss L_∞ from T stratified times per image "
+            "(as many network evaluations as the discrete bound), x̂₀ clipped likewise; their "
+            "samplers run on the schedule's T-step tables (docs/objectives.md)."
+        )
     if table.fd_key and table.fd_key.startswith("fd_digits"):
         lines.append(
             f"- `{table.fd_key}`: Fréchet distance in the features of a small digits classifier "
@@ -436,20 +443,25 @@ def write_table(table: Table, out_dir: str | Path, sweep_dir: str | Path | None 
 
 def plot_tradeoff(table: Table, path: str | Path) -> Path | None:
     """The samples-against-likelihood trade-off: per row, mean Fréchet distance against mean
-    bits/dim with their 95% intervals as error bars (one panel per schedule); "–" rows and rows
-    without both metrics are left out. Returns the PNG's path, or None with nothing to plot."""
+    bits/dim with their 95% intervals as error bars (one panel per schedule; a row is drawn in
+    the panel of the baseline it is compared with, ``TableRow.compared_with``, its schedule named
+    when it is another); "–" rows and rows without both metrics are left out. Returns the PNG's
+    path, or None with nothing to plot."""
     from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
 
     def plotted(row: TableRow) -> bool:
         return row.cells["fd"].interval is not None and row.cells["nll"].interval is not None
 
-    schedules = sorted({r.schedule for r in table.rows if plotted(r)}, key=_schedule_rank)
+    def panel(row: TableRow) -> str:
+        return row.compared_with or row.schedule
+
+    schedules = sorted({panel(r) for r in table.rows if plotted(r)}, key=_schedule_rank)
     if not schedules:
         return None
     fig = Figure(figsize=(6.5 * len(schedules), 5.0))
     axes = fig.subplots(1, len(schedules), squeeze=False)
     for ax, schedule in zip(axes[0], schedules, strict=True):
-        rows = [r for r in table.rows if r.schedule == schedule and plotted(r)]
+        rows = [r for r in table.rows if panel(r) == schedule and plotted(r)]
         for i, row in enumerate(rows):
             fd, nll = row.cells["fd"].interval, row.cells["nll"].interval
             assert fd is not None and nll is not None
@@ -459,7 +471,9 @@ def plot_tradeoff(table: Table, path: str | Path) -> Path | None:
 
             ax.errorbar(
                 nll.mean, fd.mean, xerr=err(nll), yerr=err(fd), fmt="o", capsize=3,
-                color=f"C{i % 10}", label=f"{row.experiment or row.label} (n={fd.n})",
+                color=f"C{i % 10}", label=f"{row.experiment or row.label}"
+                + (f", {row.schedule} schedule" if row.schedule != schedule else "")
+                + f" (n={fd.n})",
                 markeredgecolor="black" if row.is_baseline else None,
             )  # fmt: skip
         ax.set_xlabel(f"{table.nll_key} (bits/dim) ↓")

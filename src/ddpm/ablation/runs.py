@@ -38,12 +38,16 @@ ObjectiveKey = tuple[str, str, str, str, str]
 
 
 def objective_variant(cfg: DictConfig | None) -> str:
-    """What besides the four groups sets a run's objective: ``continuous`` time, ``t~<sampler>``
-    for a timestep sampler other than uniform and ``zero_terminal_snr``, joined by ``+`` (``""``
-    for none of them)."""
+    """What besides the four groups sets a run's objective: ``continuous`` time (and
+    ``learned_schedule``, VDM's γ_η, which trains with the objective), ``t~<sampler>`` for a
+    timestep sampler other than uniform and ``zero_terminal_snr``, joined by ``+`` (``""`` for
+    none of them)."""
     parts = []
-    if _select(cfg, "time.name") == "continuous" or _select(cfg, "schedule.name") == "learned":
+    learned = _select(cfg, "schedule.name") == "learned"
+    if _select(cfg, "time.name") == "continuous" or learned:
         parts.append("continuous")
+    if learned:
+        parts.append("learned_schedule")
     sampler = _select(cfg, "module.timestep_sampler")
     if sampler not in (None, "uniform"):
         parts.append(f"t~{sampler}")

@@ -96,9 +96,13 @@ class TableRow:
     cells: dict[str, Cell] = field(default_factory=dict)
     paper: dict[str, str] = field(default_factory=dict)
     status: str = ""
-    #: Row − baseline row of the same schedule, paired by seed (``"fd"``, ``"nll"``); None when
+    #: Row − baseline row of the same schedule (a continuous row without one: the linear
+    #: schedule's), paired by seed (``"fd"``, ``"nll"``); None when
     #: this is the baseline, or no seed of both has the metric.
     delta: dict[str, Interval | None] = field(default_factory=dict)
+    #: The schedule of the baseline ``delta`` is taken against (its own, or the linear one for
+    #: a continuous row without its own); the trade-off figure draws the row in its panel.
+    compared_with: str = ""
 
     @property
     def key(self) -> ObjectiveKey:
@@ -307,6 +311,7 @@ def _paired_deltas(rows: Sequence[TableRow], keys: dict[str, str | None]) -> Non
         base = baselines.get(row.schedule)
         if base is None and "continuous" in row.variant.split("+"):
             base = baselines.get(PAPER_SCHEDULE)
+        row.compared_with = base.schedule if base is not None else row.schedule
         row.delta = {}
         for name, key in keys.items():
             if base is None or base is row:

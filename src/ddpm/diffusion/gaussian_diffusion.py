@@ -200,7 +200,7 @@ class GaussianDiffusion(nn.Module):
             self.loss,
             weighting=self.weighting,
             time=self.time,
-        )
+        ).to(schedule.device)  # the weighting's table is made on the host
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> GaussianDiffusion:
         """Move/cast the tables (``.to``, ``.cuda``, ``.double``, ...) and drop respaced children.
