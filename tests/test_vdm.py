@@ -491,3 +491,30 @@ def test_loss_variance_table_pairs_the_rows_by_seed(tmp_path, capsys) -> None:
     ratio = json.loads((tmp_path / "loss-variance.json").read_text())["ratio"]["mean_ci95"]
     assert ratio[0] == pytest.approx(6.0) and ratio[1] < 6.0 < ratio[2]
     assert (tmp_path / "loss-variance.png").is_file()
+
+
+@pytest.mark.parametrize("weighting", ["elbo", "min_snr", "p2", "sigmoid", "edm"])
+def test_weightings_train_in_continuous_time_with_their_formula(weighting: str) -> None:
+    """loss=simple with a weighting at continuous t: loss = w(λ(t))·mean(ε − ε̂)², w from the
+    formulas written here in float64 at the batch's λ and dλ/dt (1e-10)."""
+    schedule = make_schedule("cosine", 100, dtype=F64)
+    d = GaussianDiffusion(
+        schedule, "v", "fixed_large", "simple", dtype=F64, weighting=weighting, time="continuous"
+    )
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(8, 1, 3, 3, generator=generator, dtype=F64) * 2 - 1
+    t = torch.rand(8, generator=generator, dtype=F64)
+    terms = d.training_losses(
+        ToyNet(), x0, t, torch.randn(x0.shape, generator=generator, dtype=F64)
+    )
+    lam, slope = schedule.log_snr_and_slope(t)
+    snr = lam.exp()
+    expected = {
+        "elbo": 0.5 * (-slope) / math.log(2),
+        "min_snr": torch.clamp(snr, max=5.0) / snr,
+        "p2": 1.0 / (1.0 + snr),
+        "sigmoid": 0.5 * torch.sigmoid(-lam) * (-slope),
+        "edm": 1.0 + 1.0 / (0.25 * snr),
+    }[weighting]
+    torch.testing.assert_close(terms["loss"], expected * terms["mse"], rtol=1e-10, atol=0)
+    assert torch.isfinite(terms["loss"]).all()
