@@ -51,6 +51,7 @@ def _worker(rank: int, cfg, port: int, record_dir: str) -> None:
 
     drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
     histories: list[torch.Tensor] = []
+    schedules: list[dict[str, torch.Tensor]] = []  # a learned schedule's parameters per step
     training_losses = GaussianDiffusion.training_losses
     update = LossSecondMomentSampler.update
 
@@ -58,6 +59,8 @@ def _worker(rank: int, cfg, port: int, record_dir: str) -> None:
         if noise is None:  # the same draw training_losses makes itself
             noise = torch.randn_like(x0)
         drawn.append((t.clone(), noise.clone()))
+        if torch.is_grad_enabled():  # training steps (the held-out loss runs without grad)
+            schedules.append({k: p.detach().clone() for k, p in self.schedule.named_parameters()})
         return training_losses(self, net, x0, t, noise)
 
     def recording_update(self, t, losses):
@@ -77,6 +80,7 @@ def _worker(rank: int, cfg, port: int, record_dir: str) -> None:
             "t": [t for t, _ in drawn],
             "noise": [n for _, n in drawn],
             "histories": histories,
+            "schedules": schedules,
         },
         Path(record_dir) / f"rank{rank}.pt",
     )
@@ -138,6 +142,24 @@ def test_ddp_ranks_draw_different_t_and_noise_and_share_the_importance_history(
     for h0, h1 in zip(rank0["histories"], rank1["histories"], strict=True):
         assert torch.equal(h0, h1)
     assert rank0["histories"][-1].abs().sum() > 0
+
+
+def test_ddp_trains_a_learned_schedule_identically_on_every_rank(compose_cfg, tmp_path) -> None:
+    """schedule=learned on 2 ranks: each rank draws its own continuous t, and the schedule's
+    parameters (endpoints and shape), whose gradients DDP averages, are equal on both ranks at
+    every step and move from their initial values."""
+    cfg = _ddp_cfg(
+        compose_cfg, tmp_path / "run", "trainer.max_steps=6", "schedule=learned", "loss=vlb",
+        "schedule.hidden=16",
+    )  # fmt: skip
+    rank0, rank1 = _train_ddp(cfg, tmp_path / "record")
+    assert len(rank0["schedules"]) == len(rank1["schedules"]) == 6
+    for step in range(6):
+        assert rank0["t"][step].is_floating_point()
+        assert not torch.equal(rank0["t"][step], rank1["t"][step]), step
+        for key, value in rank0["schedules"][step].items():
+            torch.testing.assert_close(rank1["schedules"][step][key], value, rtol=0, atol=0)
+    assert rank0["schedules"][-1]["gamma_0"] != rank0["schedules"][0]["gamma_0"]
 
 
 def test_ddp_resume_is_exact(compose_cfg, tmp_path) -> None:
