@@ -238,12 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _image(item: Any) -> torch.Tensor:
-    if isinstance(item, (list, tuple)):
-        item = item[0]
-    item = torch.as_tensor(item)
-    if item.dtype == torch.uint8:
-        item = item.float() / 127.5 - 1.0
-    return item.float()
+    """One dataset item as a float image in [−1, 1] (the datasets give one already)."""
+    from ddpm.data.common import uint8_to_unit_range
+
+    item = torch.as_tensor(item[0] if isinstance(item, (list, tuple)) else item)
+    return uint8_to_unit_range(item) if item.dtype == torch.uint8 else item.float()
 
 
 if __name__ == "__main__":
