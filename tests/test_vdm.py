@@ -469,6 +469,14 @@ def test_sample_and_eval_run_on_a_continuous_checkpoint(compose_cfg, tmp_path) -
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(result["nll_bpd_k4"]) and result["nll_bpd_k4_stderr"] > 0
+    # The invariance measurement's command line on the same checkpoint (tiny sizes).
+    from ddpm.ablation.invariance import main as invariance
+
+    args = [str(ckpt), "--num-images", "6", "--draws", "2", "--num-points", "2", "--steps", "4"]
+    assert invariance([*args, "--out", str(tmp_path / "inv")]) == 0
+    record = json.loads((tmp_path / "inv" / "invariance.json").read_text())
+    assert set(record["invariance"]["schedules"]) == {"own", "linear", "cosine"}
+    assert record["step_bounds"]["steps"]["4"]["minus_L_inf"] > 0  # L_4 ≥ L_∞
 
 
 def test_loss_variance_table_pairs_the_rows_by_seed(tmp_path, capsys) -> None:
