@@ -526,3 +526,35 @@ def test_weightings_train_in_continuous_time_with_their_formula(weighting: str) 
     }[weighting]
     torch.testing.assert_close(terms["loss"], expected * terms["mse"], rtol=1e-10, atol=0)
     assert torch.isfinite(terms["loss"]).all()
+
+
+def test_eval_gives_the_t_step_bound_of_a_continuous_model(compose_cfg, tmp_path) -> None:
+    """nll.num_steps=T: eval.py reports L_T as nll_bpd_steps{T} (≥ L_∞ on the same images and
+    seeds here: T = 4 on an untrained network is far above L_∞); refused for a discrete model."""
+    from ddpm.callbacks.nll import NLLCallback
+    from ddpm.diffusion import make_schedule
+    from ddpm.metrics.bound import nll_metric_name
+
+    assert nll_metric_name("stratified", 4, 1000, True, num_steps=100) == "nll_bpd_steps100_k4"
+    assert nll_metric_name("full", None, 1000, False, num_steps=10) == "nll_bpd_steps10_unclipped"
+    with pytest.raises(ValueError, match=r"nll.estimator=full or stratified"):
+        nll_metric_name("ode", None, 1000, num_steps=10)
+    discrete = GaussianDiffusion(make_schedule("cosine", 10), "eps")
+    with pytest.raises(ValueError, match=r"Leave nll.num_steps=null"):
+        discrete.nll_bpd(ToyNet().float(), torch.zeros(1, 1, 2, 2), num_steps=4)
+    assert NLLCallback(num_steps=4).metric_name(1000) == "nll_bpd_steps4"
+
+    from ddpm.tasks.evaluate import run as evaluate
+
+    train(compose_cfg("schedule=learned", "loss=vlb", "schedule.hidden=16"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    results = {}
+    for steps in (None, 4):
+        cfg = compose_cfg(
+            f"ckpt_path={ckpt}", "sample_quality.enabled=false", "nll.num_images=4",
+            "nll.estimator=stratified", "nll.num_terms=8", f"nll.num_steps={steps or 'null'}",
+            config_name="eval",
+        )  # fmt: skip
+        cfg.paths.output_dir = str(tmp_path / f"eval_{steps}")
+        results[steps] = evaluate(cfg)
+    assert results[4]["nll_bpd_steps4_k8"] > results[None]["nll_bpd_k8"] > 0

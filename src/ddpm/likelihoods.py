@@ -159,6 +159,11 @@ def parse_likelihoods(cfg: DictConfig) -> list[Likelihood] | None:
         raise ConfigError(
             "metrics.clip_bound=false with nll.likelihoods: list bound_unclipped instead"
         )
+    if OmegaConf.select(cfg, "nll.num_steps", default=None) is not None:
+        raise ConfigError(
+            "nll.num_steps with nll.likelihoods: the list compares the model's own bounds; "
+            "evaluate L_T on its own (nll.num_steps=T without nll.likelihoods)"
+        )
     return [LIKELIHOODS[n] for n in names]
 
 

@@ -76,6 +76,8 @@ class NLLCallback(pl.Callback):
         variance: evaluate with this reverse variance in place of the model's own (e.g. an
             :class:`~ddpm.diffusion.variance.AnalyticVariance`), swapped in for the evaluation
             and back afterwards; the results are named for it (``nll_bpd_analytic``, ...).
+        num_steps: for a continuous-time model, VDM's T-step bound L_T with T = ``num_steps``
+            in place of L_∞ (``nll_bpd_steps{T}``); refused for a discrete-time model.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class NLLCallback(pl.Callback):
         per_image: bool = False,
         report_cost: bool = False,
         variance: Variance | None = None,
+        num_steps: int | None = None,
     ) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
@@ -123,6 +126,7 @@ class NLLCallback(pl.Callback):
         self.per_image = bool(per_image)
         self.report_cost = bool(report_cost)
         self.variance = variance
+        self.num_steps = None if num_steps is None else int(num_steps)
         self._last_step: int | None = None
         self.last_result: dict | None = None
         self.last_terms_path: Path | None = None
@@ -176,6 +180,7 @@ class NLLCallback(pl.Callback):
             self.ode,
             num_images=n if self.per_image else None,
             report_cost=self.report_cost,
+            num_steps=self.num_steps,
         )
         own = diffusion.variance
         if self.variance is not None:
@@ -225,7 +230,9 @@ class NLLCallback(pl.Callback):
         """The name this callback reports its total under for a diffusion of ``num_timesteps``:
         :func:`~ddpm.metrics.bound.nll_metric_name`, with ``_<variance>`` appended when it
         evaluates with another variance (``nll_bpd_analytic``)."""
-        name = nll_metric_name(self.estimator, self.num_terms, num_timesteps, self.clip_denoised)
+        name = nll_metric_name(
+            self.estimator, self.num_terms, num_timesteps, self.clip_denoised, self.num_steps
+        )
         if self.variance is not None and self.estimator != "ode":
             name += f"_{self.variance.name}"
         return name

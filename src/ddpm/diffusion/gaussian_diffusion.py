@@ -449,12 +449,14 @@ class GaussianDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         progress: bool = False,
         clip_denoised: bool = True,
+        num_steps: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """The full variational bound on −log p(x0) in bits/dim (:func:`~ddpm.diffusion.bound.full_bound`),
         x̂₀ clipped inside every term as the paper evaluates it unless ``clip_denoised=False``.
 
         In continuous time, VDM's bound with L_∞ from T stratified times per image, the same
-        number of network evaluations (:func:`~ddpm.diffusion.continuous.continuous_bound`).
+        number of network evaluations (:func:`~ddpm.diffusion.continuous.continuous_bound`), or
+        its T′-step form L_T′ with ``num_steps`` = T′.
 
         Returns:
             ``total [B]``, ``terms [B, T]`` (decoder NLL at index 0; in continuous time stratum
@@ -467,13 +469,23 @@ class GaussianDiffusion(nn.Module):
                 net,
                 x0,
                 self.num_timesteps,
+                num_steps=num_steps,
                 generator=generator,
                 clip_denoised=clip_denoised,
                 progress=progress,
             )
+        self._no_steps_in_discrete_time(num_steps)
         return full_bound(
             self, net, x0, generator=generator, progress=progress, clip_denoised=clip_denoised
         )
+
+    def _no_steps_in_discrete_time(self, num_steps: int | None) -> None:
+        if num_steps is not None:
+            raise ValueError(
+                f"nll.num_steps={num_steps}: the T-step bound L_T is a form of the continuous "
+                "bound; this discrete-time model's bound already has its T = "
+                f"{self.num_timesteps} steps. Leave nll.num_steps=null"
+            )
 
     def stratum_bounds(self, num_terms: int) -> torch.Tensor:
         """Edges ``[K+1]`` of the K strata of :meth:`nll_bpd_stratified` (host LongTensor)."""
@@ -486,6 +498,7 @@ class GaussianDiffusion(nn.Module):
         num_terms: int,
         generator: torch.Generator | None = None,
         clip_denoised: bool = True,
+        num_steps: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """An unbiased estimate of the bound from K ≪ T terms per image, with its standard error
         (:func:`~ddpm.diffusion.bound.stratified_bound`); x̂₀ clipped unless ``clip_denoised=False``.
@@ -493,12 +506,20 @@ class GaussianDiffusion(nn.Module):
         Returns:
             ``total [B]``, ``stderr [B]`` (bits/dim), ``t [B, K]``, ``terms [B, K]``,
             ``weights [K]`` and ``prior [B]``; in continuous time those of
-            :func:`~ddpm.diffusion.continuous.continuous_bound` with K strata.
+            :func:`~ddpm.diffusion.continuous.continuous_bound` with K strata (L_T′ with
+            ``num_steps`` = T′).
         """
         if self.time.continuous:
             return continuous_bound(
-                self, net, x0, num_terms, generator=generator, clip_denoised=clip_denoised
+                self,
+                net,
+                x0,
+                num_terms,
+                num_steps=num_steps,
+                generator=generator,
+                clip_denoised=clip_denoised,
             )
+        self._no_steps_in_discrete_time(num_steps)
         return stratified_bound(
             self, net, x0, num_terms, generator=generator, clip_denoised=clip_denoised
         )

@@ -40,29 +40,42 @@ NLL_ESTIMATORS = ("full", "stratified", "ode")
 
 
 def nll_metric_name(
-    estimator: str, num_terms: int | None, num_timesteps: int, clip_denoised: bool = True
+    estimator: str,
+    num_terms: int | None,
+    num_timesteps: int,
+    clip_denoised: bool = True,
+    num_steps: int | None = None,
 ) -> str:
     """``nll_bpd`` for the full bound (or K = T); ``nll_bpd_k{K}`` for the stratified estimate;
     ``_unclipped`` appended when x̂₀ is not clipped inside the terms (not the paper's protocol);
-    ``nll_bpd_ode`` for the probability-flow ODE likelihood (which clips nothing).
+    ``nll_bpd_ode`` for the probability-flow ODE likelihood (which clips nothing). For a
+    continuous-time model's T-step bound L_T (``num_steps`` = T), ``_steps{T}`` follows
+    ``nll_bpd`` (``nll_bpd_steps100``, ``nll_bpd_steps100_k50``).
 
     Raises:
-        ValueError: unknown estimator, or ``stratified`` without 2 ≤ ``num_terms`` ≤ T.
+        ValueError: unknown estimator, ``stratified`` without 2 ≤ ``num_terms`` ≤ T, or
+            ``num_steps`` with the ODE or below 1.
     """
     if estimator not in NLL_ESTIMATORS:
         raise ValueError(f"unknown nll estimator {estimator!r}: choose one of {NLL_ESTIMATORS}")
+    if num_steps is not None and (estimator == "ode" or int(num_steps) < 1):
+        raise ValueError(
+            f"nll.num_steps={num_steps}: the T-step bound L_T of a continuous-time model needs "
+            "T >= 1 and nll.estimator=full or stratified"
+        )
     if estimator == "ode":
         return "nll_bpd_ode"
     suffix = "" if clip_denoised else "_unclipped"
+    base = "nll_bpd" if num_steps is None else f"nll_bpd_steps{int(num_steps)}"
     if estimator == "full":
-        return "nll_bpd" + suffix
+        return base + suffix
     if num_terms is None or not 2 <= int(num_terms) <= int(num_timesteps):
         raise ValueError(
             f"nll.estimator=stratified needs nll.num_terms between 2 and T={num_timesteps}, "
             f"got {num_terms}"
         )
     k = "" if int(num_terms) == int(num_timesteps) else f"_k{int(num_terms)}"
-    return f"nll_bpd{k}{suffix}"
+    return f"{base}{k}{suffix}"
 
 
 class BitsPerDim(Metric):
@@ -81,6 +94,8 @@ class BitsPerDim(Metric):
             dataset; :meth:`update` then needs ``start``), for paired comparisons between
             likelihoods on the same images: ``compute()`` adds ``per_image_bpd``. None: sums
             only.
+        num_steps: for a continuous-time model, VDM's T-step bound L_T with T = ``num_steps``
+            in place of L_∞ (None: L_∞; refused for a discrete-time model).
         report_cost: also report the bound's cost, as the ODE always does: ``B_nfe`` (network
             evaluations per image: T, or K for the stratified estimate), ``B_seconds`` (the
             batches' wall-clock, summed over batches and ranks) and ``B_seconds_per_image``.
@@ -123,9 +138,11 @@ class BitsPerDim(Metric):
         *,
         num_images: int | None = None,
         report_cost: bool = False,
+        num_steps: int | None = None,
     ):
         super().__init__()
-        self.name = nll_metric_name(estimator, num_terms, num_timesteps, clip_denoised)
+        self.name = nll_metric_name(estimator, num_terms, num_timesteps, clip_denoised, num_steps)
+        self.num_steps = None if num_steps is None else int(num_steps)
         self.ode = ODELikelihoodSettings.from_config(ode) if estimator == "ode" else None
         self.clip_denoised = bool(clip_denoised)
         self.estimator = estimator
@@ -367,14 +384,16 @@ def _batch_nll(
     progress: bool,
 ) -> dict[str, Any]:
     """One batch's per-image results for ``metric.estimator`` (see :meth:`BitsPerDim.update`)."""
+    steps = {} if metric.num_steps is None else {"num_steps": metric.num_steps}
     if metric.estimator == "full":
         return diffusion.nll_bpd(  # type: ignore[operator]
-            net, x0, generator=generator, clip_denoised=metric.clip_denoised
+            net, x0, generator=generator, clip_denoised=metric.clip_denoised, **steps
         )
     if metric.estimator == "stratified":
         return diffusion.nll_bpd_stratified(  # type: ignore[operator]
-            net, x0, metric.num_terms, generator=generator, clip_denoised=metric.clip_denoised
-        )
+            net, x0, metric.num_terms, generator=generator, clip_denoised=metric.clip_denoised,
+            **steps,
+        )  # fmt: skip
     return ode_nll_bpd(
         diffusion,  # type: ignore[arg-type]
         net,

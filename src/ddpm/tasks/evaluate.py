@@ -120,6 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 num_terms=nll.get("num_terms"),
                 clip_denoised=bool(cfg.metrics.clip_bound),
                 ode=OmegaConf.to_container(nll.ode) if nll.get("ode") is not None else None,
+                num_steps=nll.get("num_steps"),
             )
         )
     trainer: pl.Trainer = instantiate(
