@@ -228,19 +228,24 @@ class LearnedSchedule(EndpointSchedule):
         return self.gamma_0, self.gamma_1
 
     def _unnormalised(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """γ̃(t) and γ̃′(t) (same shape as ``t``), in the parameters' dtype."""
-        t = t.to(self.w1.dtype)
-        a = self.w1.square() + 1e-4  # l₁'s weight, > 0
-        w2, w3 = self.w2.abs(), self.w3.abs()
-        h = a * t + self.b1  # l₁(t)
-        s = torch.sigmoid(h.unsqueeze(-1) * w2 + self.b2)  # φ(l₂(l₁(t))) [..., hidden]
+        """γ̃(t) and γ̃′(t) (same shape as ``t``), in the wider of ``t``'s and the parameters'
+        dtype: the float64 grid of :meth:`grid_betas` keeps consecutive γ distinct (so every β
+        is positive) wherever the learned shape is flat."""
+        dtype = torch.promote_types(t.dtype, self.w1.dtype)
+        w1, b1, w2, b2, w3 = (p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2, self.w3))
+        t = t.to(dtype)
+        a = w1.square() + 1e-4  # l₁'s weight, > 0
+        w2, w3 = w2.abs(), w3.abs()
+        h = a * t + b1  # l₁(t)
+        s = torch.sigmoid(h.unsqueeze(-1) * w2 + b2)  # φ(l₂(l₁(t))) [..., hidden]
         value = h + (s * w3).sum(-1)
         slope = a + (s * (1.0 - s) * w2 * w3).sum(-1) * a
         return value, slope
 
     def shape(self, t):
+        dtype = torch.promote_types(t.dtype, self.w1.dtype)
         # t = 0 and 1 made on the device: no host-to-device copy per training step
-        ends, _ = self._unnormalised(torch.arange(2, device=self.w1.device, dtype=self.w1.dtype))
+        ends, _ = self._unnormalised(torch.arange(2, device=self.w1.device, dtype=dtype))
         value, slope = self._unnormalised(t)
         width = ends[1] - ends[0]
         return (value - ends[0]) / width, slope / width
