@@ -65,6 +65,7 @@ from ddpm.errors import ConfigError
 __all__ = [
     "LIKELIHOODS",
     "Likelihood",
+    "eval_nll_callback",
     "images_sha256",
     "likelihood_callbacks",
     "main",
@@ -215,30 +216,43 @@ def likelihood_callbacks(
         seed: the evaluation seed.
         analytic: :func:`prepare_analytic`'s variance, when ``analytic`` is listed.
     """
-    from ddpm.callbacks import NLLCallback
-
-    ode = OmegaConf.to_container(nll.ode) if nll.get("ode") is not None else None
     callbacks = []
     for spec in likelihoods:
         if spec.variance is not None and analytic is None:
             raise ValueError(f"{spec.name} needs the analytic variance (prepare_analytic)")
         callbacks.append(
-            NLLCallback(
-                num_images=int(nll.num_images),
-                batch_size=int(nll.batch_size),
-                split="test",
-                on_train_end=False,
-                seed=seed,
-                save_terms=False,
+            eval_nll_callback(
+                nll,
+                seed,
                 estimator=spec.estimator,
                 clip_denoised=spec.clip_denoised,
-                ode=ode if spec.estimator == "ode" else None,
+                with_ode=spec.estimator == "ode",
                 per_image=True,
                 report_cost=True,
                 variance=analytic if spec.variance is not None else None,
             )
         )
     return callbacks
+
+
+def eval_nll_callback(nll: DictConfig, seed: int, with_ode: bool = True, **settings: Any) -> Any:
+    """The :class:`~ddpm.callbacks.NLLCallback` of ``src/eval.py``: the first ``nll.num_images``
+    of the test split in batches of ``nll.batch_size``, seeded by ``seed``, evaluated once at
+    test time with no terms written; ``nll.ode`` passed on when ``with_ode``; ``settings`` are
+    the callback's other arguments (estimator, clipping, …)."""
+    from ddpm.callbacks import NLLCallback
+
+    ode = OmegaConf.to_container(nll.ode) if with_ode and nll.get("ode") is not None else None
+    return NLLCallback(
+        num_images=int(nll.num_images),
+        batch_size=int(nll.batch_size),
+        split="test",
+        on_train_end=False,
+        seed=seed,
+        save_terms=False,
+        ode=ode,
+        **settings,
+    )
 
 
 def paired_differences(
@@ -296,11 +310,11 @@ def images_sha256(dataset: Dataset, num_images: int) -> str:
     """sha256 (hex) of images ``0 .. num_images − 1`` of ``dataset`` as uint8 bytes (the
     256-level grid), with their shape: equal for two evaluations exactly when they saw the same
     images in the same order."""
-    from ddpm.metrics.bound import _first
+    from ddpm.metrics.bound import dataset_image
 
     digest = hashlib.sha256()
     for i in range(int(num_images)):
-        image = _first(dataset[i]).detach().cpu().to(torch.float64)
+        image = dataset_image(dataset[i]).detach().cpu().to(torch.float64)
         pixels = torch.round((image + 1.0) * 127.5).clamp(0, 255).to(torch.uint8)
         digest.update(f"{tuple(pixels.shape)}|".encode())
         digest.update(pixels.contiguous().numpy().tobytes())

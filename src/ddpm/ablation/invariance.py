@@ -215,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from ddpm.builders import build_datamodule, load_module_from_checkpoint
+    from ddpm.metrics.bound import dataset_image
 
     module, cfg = load_module_from_checkpoint(args.ckpt, map_location="cpu")
     diffusion, net = module.ema_diffusion, module.ema_net
@@ -223,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     datamodule.setup("test")
     dataset = datamodule.test_set
     count = min(args.num_images, len(dataset))
-    images = torch.stack([_image(dataset[i]) for i in range(count)])
+    images = torch.stack([dataset_image(dataset[i]).float() for i in range(count)])
     invariance = measure_invariance(diffusion, net, images, args.draws, args.seed)
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     step_bounds = measure_step_bounds(diffusion, net, images, steps, args.num_points, args.seed)
@@ -235,14 +236,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / "invariance.json").write_text(json.dumps(record, indent=2) + "\n")
         (args.out / "invariance.md").write_text(table + "\n")
     return 0
-
-
-def _image(item: Any) -> torch.Tensor:
-    """One dataset item as a float image in [−1, 1] (the datasets give one already)."""
-    from ddpm.data.common import uint8_to_unit_range
-
-    item = torch.as_tensor(item[0] if isinstance(item, (list, tuple)) else item)
-    return uint8_to_unit_range(item) if item.dtype == torch.uint8 else item.float()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,14 @@ from ddpm.diffusion.ode_likelihood import ODELikelihoodSettings, ode_nll_bpd
 from ddpm.metrics.collective import Collective, single_process
 from ddpm.metrics.sampling import EvalMode, batch_seed, shard_batches
 
-__all__ = ["NLL_ESTIMATORS", "BitsPerDim", "evaluate_nll", "nll_metric_name", "run_nll"]
+__all__ = [
+    "NLL_ESTIMATORS",
+    "BitsPerDim",
+    "dataset_image",
+    "evaluate_nll",
+    "nll_metric_name",
+    "run_nll",
+]
 
 #: Likelihood estimators: ``full`` sums all T terms of the bound (the paper's protocol);
 #: ``stratified`` draws one term per stratum of t
@@ -294,7 +301,9 @@ class BitsPerDim(Metric):
         return self.image_sum.cpu().numpy().copy()
 
 
-def _first(item: Any) -> torch.Tensor:
+def dataset_image(item: Any) -> torch.Tensor:
+    """One dataset item as an image tensor in [−1, 1]: the first element of a tuple, uint8
+    pixels mapped by u8/127.5 − 1."""
     if isinstance(item, (list, tuple)):
         item = item[0]
     if item.dtype == torch.uint8:
@@ -355,7 +364,7 @@ def run_nll(
     with EvalMode(net), torch.no_grad():
         try:
             for start, stop in batches:
-                x0 = torch.stack([_first(dataset[i]) for i in range(start, stop)])
+                x0 = torch.stack([dataset_image(dataset[i]) for i in range(start, stop)])
                 x0 = x0.to(device=device, dtype=diffusion.betas.dtype)  # type: ignore[union-attr]
                 seed_b = batch_seed(seed, start, "nll")
                 generator = torch.Generator(device=device).manual_seed(seed_b)

@@ -24,11 +24,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddpm.builders import build_datamodule, ensure_writable_dir, load_inference_module
-from ddpm.callbacks import NLLCallback, SampleQualityCallback
+from ddpm.callbacks import SampleQualityCallback
 from ddpm.errors import ConfigError
 from ddpm.inference_variance import apply_configured_variance
 from ddpm.likelihoods import (
     collect,
+    eval_nll_callback,
     format_differences,
     images_sha256,
     likelihood_callbacks,
@@ -109,17 +110,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         callbacks.extend(nll_callbacks)
     elif nll.enabled:
         callbacks.append(
-            NLLCallback(
-                num_images=int(nll.num_images),
-                batch_size=int(nll.batch_size),
-                split="test",
-                on_train_end=False,
-                seed=seed,
-                save_terms=False,
+            eval_nll_callback(
+                nll,
+                seed,
                 estimator=str(nll.estimator),
                 num_terms=nll.get("num_terms"),
                 clip_denoised=bool(cfg.metrics.clip_bound),
-                ode=OmegaConf.to_container(nll.ode) if nll.get("ode") is not None else None,
                 num_steps=nll.get("num_steps"),
             )
         )
